@@ -1,0 +1,1 @@
+"""Settings, topic specs, the embedded broker, Kafka client configuration and the CLI."""

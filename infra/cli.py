@@ -1,0 +1,196 @@
+"""The `tagstream` command line: one entry point for every process of the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+
+from infra.settings import get_settings
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from infra.up import up
+
+    return up(get_settings(), rate=args.rate, count=args.count)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from infra.broker import EmbeddedBroker
+    from infra.topics import ensure_topics
+
+    settings = get_settings()
+    stop = _stop_on_signals()
+    with EmbeddedBroker(port=args.port) as broker:
+        ensure_topics(settings.model_copy(update={"kafka_bootstrap": broker.bootstrap}))
+        print(f"export TAGSTREAM_KAFKA_BOOTSTRAP={broker.bootstrap}", flush=True)
+        while not stop.wait(1.0):
+            if not broker.alive():
+                print("broker exited", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from infra.topics import ensure_topics
+
+    created = ensure_topics(get_settings())
+    print("created: " + (", ".join(created) or "none (all exist)"))
+    return 0
+
+
+def cmd_serve_images(args: argparse.Namespace) -> int:
+    from producers.image_server import run_image_server
+
+    settings = get_settings()
+    run_image_server(
+        args.host or settings.image_server_host, args.port or settings.image_server_port
+    )
+    return 0
+
+
+def cmd_produce_synthetic(args: argparse.Namespace) -> int:
+    from producers.kafka import produce_synthetic
+
+    settings = get_settings()
+    base = (
+        args.image_base_url or f"http://{settings.image_server_host}:{settings.image_server_port}"
+    )
+    sent = produce_synthetic(
+        settings,
+        image_base_url=base,
+        rate=args.rate,
+        count=args.count,
+        seed=args.seed,
+        stop=_stop_on_signals(),
+    )
+    print(f"produced {sent} synthetic tweets", flush=True)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from models.demo import ensure_demo_model
+    from models.runtime import OnnxClassifier
+    from processors.inference import InferenceConsumer
+
+    settings = get_settings()
+    model_dir = args.model_dir or settings.model_dir or ensure_demo_model(settings.data_dir)
+    classifier = OnnxClassifier(
+        model_dir, provider=settings.ort_provider, intra_op_threads=settings.ort_intra_op_threads
+    )
+    stop = _stop_on_signals()
+    stats = InferenceConsumer(settings, classifier).run(stop=stop)
+    print(
+        f"inference: {stats.images} images in {stats.batches} batches, "
+        f"{stats.images_per_busy_s:.1f} images/s while busy, {stats.dead_letters} dead letters",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from processors.sink_consumer import run_sink
+
+    try:
+        asyncio.run(run_sink(get_settings()))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from models.demo import ensure_demo_model
+    from models.manifest import Manifest
+
+    folder = ensure_demo_model(get_settings().data_dir)
+    manifest = Manifest.load(folder)
+    print(f"{folder}\n{manifest.name}: {manifest.metrics}")
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tagstream", description="Real-time hashtag suggestions for tweet images."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (default: info)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole pipeline on this machine")
+    up.add_argument("--rate", type=float, default=20.0, help="synthetic tweets/s (default: 20)")
+    up.add_argument(
+        "--count", type=int, default=0, help="tweets to produce, 0 = forever (default: 0)"
+    )
+    up.set_defaults(func=cmd_up)
+
+    broker = commands.add_parser("broker", help="run the embedded broker and create the topics")
+    broker.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    broker.set_defaults(func=cmd_broker)
+
+    commands.add_parser("topics", help="create the topics that do not exist").set_defaults(
+        func=cmd_topics
+    )
+
+    images = commands.add_parser("serve-images", help="run the demo image server")
+    images.add_argument("--host", default=None, help="default: settings.image_server_host")
+    images.add_argument(
+        "--port", type=int, default=None, help="default: settings.image_server_port"
+    )
+    images.set_defaults(func=cmd_serve_images)
+
+    produce = commands.add_parser("produce", help="produce tweets to the `tweets` topic")
+    sources = produce.add_subparsers(dest="source", required=True)
+    synthetic = sources.add_parser(
+        "synthetic", help="demo traffic pointing at the demo image server"
+    )
+    synthetic.add_argument("--rate", type=float, default=20.0, help="tweets/s (default: 20)")
+    synthetic.add_argument(
+        "--count", type=int, default=100, help="tweets, 0 = forever (default: 100)"
+    )
+    synthetic.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    synthetic.add_argument(
+        "--image-base-url", default=None, help="default: the configured image server"
+    )
+    synthetic.set_defaults(func=cmd_produce_synthetic)
+
+    infer = commands.add_parser("infer", help="run an inference consumer")
+    infer.add_argument(
+        "--model-dir", default=None, help="default: settings.model_dir or the demo model"
+    )
+    infer.set_defaults(func=cmd_infer)
+
+    commands.add_parser("sink", help="run the sampled sink and its gallery").set_defaults(
+        func=cmd_sink
+    )
+    commands.add_parser("demo-model", help="train (once) and show the demo model").set_defaults(
+        func=cmd_demo_model
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Exceptions of tagstream.
+
+TagstreamError
+├── ConfigurationError       settings that cannot work
+├── BrokerError              the broker did not start or answer
+├── CodecError               a record that cannot be encoded or decoded
+├── FetchError               an image that could not be fetched
+│   ├── TransientFetchError  worth a retry (timeouts, 5xx, connection reset)
+│   └── RejectedFetchError   never worth a retry (4xx, not an image, too big, blocked)
+├── DecodeImageError         fetched bytes that Pillow cannot decode
+├── ModelError               a model or manifest that cannot be used
+└── Shed                     a deliberate drop (becomes a ShedRecord, not a failure)
+"""
+
+from __future__ import annotations
+
+
+class TagstreamError(Exception):
+    """Base class of every error tagstream raises on purpose."""
+
+
+class ConfigurationError(TagstreamError):
+    """Settings that cannot work."""
+
+
+class BrokerError(TagstreamError):
+    """The broker did not start or did not answer."""
+
+
+class CodecError(TagstreamError):
+    """A record that cannot be encoded or decoded."""
+
+
+class FetchError(TagstreamError):
+    """An image that could not be fetched."""
+
+
+class TransientFetchError(FetchError):
+    """A fetch failure worth retrying: timeout, 5xx, connection reset."""
+
+
+class RejectedFetchError(FetchError):
+    """A fetch failure never worth retrying: 4xx, not an image, too large, blocked address."""
+
+
+class DecodeImageError(TagstreamError):
+    """Fetched bytes that cannot be decoded as an image."""
+
+
+class ModelError(TagstreamError):
+    """A model file or manifest that cannot be used."""
+
+
+class Shed(TagstreamError):
+    """A deliberate drop: carries the reason recorded on `tweets.shed`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

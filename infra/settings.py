@@ -1,0 +1,129 @@
+"""The one settings object of tagstream.
+
+Every process reads its configuration here, once, from the environment (prefix
+``TAGSTREAM_``) or a ``.env`` file; nothing else in the code base reads
+``os.environ``. Validators fail fast on values that cannot work.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Topic names of DESIGN.md, before the optional prefix.
+TOPIC_NAMES = ("tweets", "images", "hashtags", "tweets.shed", "deadletter", "capacity")
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the producers, the Faust worker, inference and the sink."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TAGSTREAM_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
+
+    # Kafka ------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port list of an existing cluster; unset starts the embedded broker"
+    )
+    schema_registry_url: str | None = Field(
+        None, description="Confluent schema registry; unset uses Avro single-object encoding"
+    )
+    topic_prefix: str = Field("", description="prepended to every topic name (tests, tenants)")
+    topic_partitions: int = Field(4, ge=1, description="partitions of topics we create")
+    session_timeout_ms: int = Field(
+        6000, ge=1000, description="consumer group session timeout; tansu waits half on first join"
+    )
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings (security.protocol, sasl.*)"
+    )
+
+    # Paths -------------------------------------------------------------------
+    data_dir: Path = Field(Path(".tagstream"), description="caches, models and sink output")
+    model_dir: Path | None = Field(
+        None, description="folder with manifest.json; unset uses the cached demo model"
+    )
+
+    # Shedding and fetch --------------------------------------------------------
+    admission_rate: float = Field(50.0, gt=0, description="tweets/s admitted by the token bucket")
+    admission_burst: float = Field(100.0, ge=1, description="token bucket capacity")
+    fetch_concurrency: int = Field(32, ge=1, description="image fetches in flight overall")
+    fetch_per_host: int = Field(8, ge=1, description="image fetches in flight per host")
+    fetch_connect_timeout_s: float = Field(3.0, gt=0)
+    fetch_read_timeout_s: float = Field(5.0, gt=0)
+    fetch_max_bytes: int = Field(8_000_000, ge=1024, description="bytes read before giving up")
+    fetch_retries: int = Field(2, ge=0, description="retries for transient fetch errors")
+    fetch_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts or IPs fetched even if private/loopback (the demo image server)",
+    )
+    agent_batch: int = Field(64, ge=1, description="tweets the Faust agent takes at once")
+    agent_batch_within_s: float = Field(0.2, gt=0, description="longest wait for a full take")
+
+    # Inference -----------------------------------------------------------------
+    batch_max_size: int = Field(32, ge=1)
+    batch_max_wait_ms: int = Field(50, ge=0)
+    decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images")
+    ort_provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    ort_intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime choose")
+    thumbnail_px: int = Field(160, ge=0, description="thumbnail edge carried on results; 0: none")
+    consumer_id: str | None = Field(None, description="inference consumer id; default host-pid")
+
+    # Sink and gallery ------------------------------------------------------------
+    sink_dir: Path | None = Field(None, description="sink output; default <data_dir>/sink")
+    sink_window_s: float = Field(10.0, gt=0, description="reservoir window length")
+    sink_per_window: int = Field(12, ge=1, description="results kept per window")
+    sink_host: str = "127.0.0.1"
+    sink_port: int = Field(8088, ge=0, le=65535)
+
+    # Demo ------------------------------------------------------------------------
+    image_server_host: str = "127.0.0.1"
+    image_server_port: int = Field(8089, ge=0, le=65535)
+    faust_web_port: int = Field(6066, ge=0, le=65535)
+
+    # X API -----------------------------------------------------------------------
+    x_bearer_token: SecretStr | None = None
+    x_api_base_url: str = "https://api.x.com"
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_a_topic_fragment(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "._-" for c in value):
+            raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _session_timeout_allows_batches(self) -> Settings:
+        if self.batch_max_wait_ms >= self.session_timeout_ms:
+            raise ValueError("batch_max_wait_ms must be well below session_timeout_ms")
+        return self
+
+    def topic(self, name: str) -> str:
+        """The full topic name for one of DESIGN.md's topics."""
+        if name not in TOPIC_NAMES:
+            raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPIC_NAMES)}")
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def resolved_sink_dir(self) -> Path:
+        return self.sink_dir or self.data_dir / "sink"
+
+    def bootstrap(self) -> str:
+        """The bootstrap servers; raises if neither set nor started by `tagstream up`."""
+        if not self.kafka_bootstrap:
+            from infra.exceptions import ConfigurationError
+
+            raise ConfigurationError(
+                "TAGSTREAM_KAFKA_BOOTSTRAP is not set: start a broker with `tagstream broker` "
+                "or `tagstream up`, or point it at a cluster"
+            )
+        return self.kafka_bootstrap
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,53 @@
+"""The Faust app of tagstream: `faust -A processors worker` runs it.
+
+Its one agent, `shed_and_fetch` (processors/shedding.py), reads `tweets`.
+Configuration comes from the settings object, like every other process.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from infra.settings import Settings, get_settings
+
+
+def faust_broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
+
+
+def create_app(settings: Settings) -> faust.App:
+    (settings.data_dir / "faust").parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        f"{settings.topic_prefix}tagstream",
+        broker=faust_broker_urls(settings.bootstrap()),
+        autodiscover=False,
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.topic_partitions,
+        topic_allow_declare=False,  # ours are created by infra.topics with the specs of DESIGN.md
+        broker_session_timeout=settings.session_timeout_ms / 1000.0,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_ms / 6000.0),
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+        producer_max_request_size=16_000_000,
+        consumer_auto_offset_reset="earliest",
+        web_host=settings.sink_host,
+        web_port=settings.faust_web_port,
+        web_bind="127.0.0.1",
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+
+    @app.on_worker_init.connect
+    def _create_topics(sender: object, **_: object) -> None:
+        from infra.topics import ensure_topics
+
+        ensure_topics(settings)
+
+    return app
+
+
+settings = get_settings()
+app = create_app(settings)
+
+from processors import shedding  # noqa: E402,F401 - registers the agent on `app`

@@ -1,0 +1,310 @@
+"""The inference consumer: `images` in; `hashtags`, `deadletter` and `capacity` out.
+
+A plain confluent-kafka consumer in the group `<prefix>tagstream-inference`, one
+process per GPU (or CPU box). It assembles batches (at most `batch_max_size`
+images, waiting at most `batch_max_wait_ms` after the first), decodes and
+resizes them in a thread pool (Pillow releases the GIL while decoding, and
+`draft()` lets libjpeg decode at a reduced scale), runs ONNX Runtime, and maps
+scores to hashtags with the manifest's classes and thresholds.
+
+Delivery guarantee: at-least-once. Offsets are committed only after every
+record the batch produced (results and dead letters) has been acknowledged by
+the broker; a crash before that re-delivers the batch, and results are keyed
+by tweet id (and carry the media key) so a duplicate is harmless.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from infra.exceptions import CodecError, DecodeImageError
+from infra.kafka import DeliveryTracker, consumer_config, producer_config
+from infra.settings import Settings
+from models.runtime import OnnxClassifier
+from schemas.codec import Codec
+from schemas.records import dead_letter, now_ms
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 5.0
+
+
+@dataclass
+class Prepared:
+    """One consumed image, decoded and ready for the model (or failed)."""
+
+    message: object
+    event: dict | None = None
+    array: np.ndarray | None = None
+    thumbnail: bytes | None = None
+    error: BaseException | None = None
+    stage: str = ""
+    timestamps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceStats:
+    images: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def images_per_busy_s(self) -> float:
+        return self.images / self.busy_s if self.busy_s else 0.0
+
+
+def make_thumbnail(image: Image.Image, edge: int) -> bytes | None:
+    if edge <= 0:
+        return None
+    thumb = image.copy()
+    thumb.thumbnail((edge, edge))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+class InferenceConsumer:
+    """Consume ImageEvents, classify them in batches, produce HashtagResults."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classifier: OnnxClassifier,
+        *,
+        group_id: str | None = None,
+        consumer_id: str | None = None,
+    ) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        self.settings = settings
+        self.classifier = classifier
+        self.codec = Codec.from_settings(settings)
+        self.consumer_id = (
+            consumer_id or settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
+        )
+        self.group_id = group_id or f"{settings.topic_prefix}tagstream-inference"
+        self.images_topic = settings.topic("images")
+        self.hashtags_topic = settings.topic("hashtags")
+        self.dead_topic = settings.topic("deadletter")
+        self.capacity_topic = settings.topic("capacity")
+        self.consumer = Consumer(consumer_config(settings, self.group_id))
+        self.producer = Producer(producer_config(settings))
+        self.deliveries = DeliveryTracker()
+        self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.stats = InferenceStats()
+        self._last_report = time.monotonic()
+        self._report_images = 0
+        self._report_batches = 0
+
+    # -- batching ------------------------------------------------------------------
+    def next_batch(self, *, idle_timeout_s: float) -> list:
+        """Up to `batch_max_size` messages; waits `batch_max_wait_ms` at most after the first."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        max_size = self.settings.batch_max_size
+        first = self.consumer.consume(max_size, timeout=idle_timeout_s)
+        messages = list(first)
+        if messages:
+            deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000.0
+            while len(messages) < max_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                messages.extend(self.consumer.consume(max_size - len(messages), timeout=left))
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(error)
+        return good
+
+    # -- per image -------------------------------------------------------------------
+    def prepare(self, message) -> Prepared:
+        prepared = Prepared(message, timestamps={"consumed": now_ms()})
+        try:
+            event = self.codec.decode("ImageEvent", message.value())
+        except CodecError as exc:
+            prepared.error, prepared.stage = exc, "decode_image_event"
+            return prepared
+        prepared.event = event
+        try:
+            image = self.classifier.preset.decode(event["image"])
+            prepared.thumbnail = make_thumbnail(image, self.settings.thumbnail_px)
+            prepared.array = self.classifier.preset(image)
+        except DecodeImageError as exc:
+            prepared.error, prepared.stage = exc, "decode_image"
+        prepared.timestamps["decoded"] = now_ms()
+        return prepared
+
+    def result_for(self, prepared: Prepared, probabilities: np.ndarray, inferred: float) -> dict:
+        event = prepared.event
+        assert event is not None
+        manifest = self.classifier.manifest
+        scores = {name: float(p) for name, p in zip(manifest.classes, probabilities, strict=True)}
+        timestamps = dict(event["timestamps"]) | prepared.timestamps
+        timestamps["inferred"] = inferred
+        timestamps["produced"] = now_ms()
+        return {
+            "tweet_id": event["tweet_id"],
+            "media_key": event["media_key"],
+            "url": event["url"],
+            "tweet_text": event["tweet_text"],
+            "hashtags": manifest.hashtags(scores),
+            "top_class": manifest.classes[int(np.argmax(probabilities))],
+            "scores": scores,
+            "model_id": manifest.model_id,
+            "model_version": manifest.version,
+            "consumer_id": self.consumer_id,
+            "source": event["source"],
+            "replay_run_id": event["replay_run_id"],
+            "thumbnail": prepared.thumbnail,
+            "timestamps": timestamps,
+        }
+
+    def _produce(self, topic: str, record: str, key: str, value: dict) -> None:
+        payload = self.codec.encode(record, value, topic=topic)
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    key=key.encode(),
+                    value=payload,
+                    on_delivery=self.deliveries.delivery_report,
+                )
+                break
+            except BufferError:  # local queue full: serve callbacks and try again
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def _dead_letter(self, prepared: Prepared) -> None:
+        message, event = prepared.message, prepared.event or {}
+        letter = dead_letter(
+            source_topic=message.topic(),
+            source_partition=message.partition(),
+            source_offset=message.offset(),
+            stage=prepared.stage,
+            error=prepared.error or RuntimeError("unknown"),
+            tweet_id=event.get("tweet_id"),
+            media_key=event.get("media_key"),
+            url=event.get("url"),
+            payload=message.value() if prepared.stage == "decode_image_event" else None,
+        )
+        key = event.get("media_key") or (message.key() or b"").decode("utf-8", "replace")
+        self._produce(self.dead_topic, "DeadLetter", key, letter)
+        self.stats.dead_letters += 1
+
+    # -- per batch -------------------------------------------------------------------
+    def process(self, messages: list) -> int:
+        """Classify one batch, deliver its output, then commit its offsets. Returns images done."""
+        from confluent_kafka import TopicPartition
+
+        started = time.monotonic()
+        prepared = list(self.pool.map(self.prepare, messages))
+        ready = [p for p in prepared if p.error is None]
+        for failed in (p for p in prepared if p.error is not None):
+            self._dead_letter(failed)
+        if ready:
+            probabilities = self.classifier.probabilities(np.stack([p.array for p in ready]))
+            inferred = now_ms()
+            for p, row in zip(ready, probabilities, strict=True):
+                self._produce(
+                    self.hashtags_topic,
+                    "HashtagResult",
+                    p.event["tweet_id"],
+                    self.result_for(p, row, inferred),
+                )
+        remaining = self.producer.flush(30)
+        if remaining:
+            raise RuntimeError(f"{remaining} records not delivered within 30 s; not committing")
+        self.deliveries.raise_if_failed()
+        last: dict[tuple[str, int], int] = {}
+        for message in messages:
+            last[(message.topic(), message.partition())] = message.offset()
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False
+        )
+        self.stats.images += len(ready)
+        self.stats.batches += 1
+        self.stats.busy_s += time.monotonic() - started
+        self._report_images += len(ready)
+        self._report_batches += 1
+        return len(ready)
+
+    def report_capacity(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_report
+        if not force and elapsed < REPORT_INTERVAL_S:
+            return
+        report = {
+            "consumer_id": self.consumer_id,
+            "images_per_s": self._report_images / elapsed if elapsed > 0 else 0.0,
+            "batch_size": self._report_images / self._report_batches
+            if self._report_batches
+            else 0.0,
+            "queue_depth": self.lag(),
+            "reported_at_ms": now_ms(),
+        }
+        self._produce(self.capacity_topic, "CapacityReport", self.consumer_id, report)
+        self._last_report, self._report_images, self._report_batches = now, 0, 0
+
+    def lag(self) -> int:
+        total = 0
+        try:
+            for tp in self.consumer.assignment():
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                (position,) = self.consumer.position([tp])
+                offset = position.offset if position.offset >= 0 else low
+                total += max(0, high - offset)
+        except Exception as exc:  # lag is advisory; never stop inference over it
+            log.debug("lag unavailable: %s", exc)
+        return total
+
+    def run(
+        self,
+        *,
+        stop: threading.Event | None = None,
+        idle_timeout_s: float = 0.5,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> InferenceStats:
+        """Warm up, join the group and process until `stop` is set; closes in `finally`."""
+        stop = stop or threading.Event()
+        self.classifier.warm_up((1, self.settings.batch_max_size))
+        self.consumer.subscribe([self.images_topic])
+        log.info(
+            "inference consumer %s: model %s on %s, group %s",
+            self.consumer_id,
+            self.classifier.manifest.name,
+            self.classifier.providers[0],
+            self.group_id,
+        )
+        try:
+            while not stop.is_set():
+                messages = self.next_batch(idle_timeout_s=idle_timeout_s)
+                if messages:
+                    done = self.process(messages)
+                    if on_batch is not None:
+                        on_batch(done)
+                self.report_capacity()
+        finally:
+            try:
+                self.report_capacity(force=True)
+                self.producer.flush(10)
+            finally:
+                self.consumer.close()
+                self.pool.shutdown(wait=True)
+        return self.stats

@@ -1,0 +1,94 @@
+"""The sampled sink's Kafka side: `hashtags` in; samples and the live gallery out.
+
+Delivery guarantee: at-most-once on purpose. The sink shows a sample of the
+results and writes it to a folder; a result lost in a crash is a sample not
+taken, and offsets are committed automatically. Undecodable records go to
+`deadletter`, as everywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from infra.exceptions import CodecError
+from infra.kafka import consumer_config, producer_config
+from infra.settings import Settings
+from processors.sink import SampledSink, serve_gallery
+from schemas.codec import Codec
+from schemas.records import dead_letter
+
+log = logging.getLogger(__name__)
+
+
+def consume_into(sink: SampledSink, settings: Settings, stop: threading.Event) -> None:
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+
+    codec = Codec.from_settings(settings)
+    topic = settings.topic("hashtags")
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            f"{settings.topic_prefix}tagstream-sink",
+            **{"enable.auto.commit": True, "enable.auto.offset.store": True},
+        )
+    )
+    producer = Producer(producer_config(settings))
+    consumer.subscribe([topic])
+    try:
+        while not stop.is_set():
+            for message in consumer.consume(100, timeout=0.5):
+                if message.error():
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(message.error())
+                try:
+                    sink.add(codec.decode("HashtagResult", message.value()))
+                except CodecError as exc:
+                    letter = dead_letter(
+                        source_topic=message.topic(),
+                        source_partition=message.partition(),
+                        source_offset=message.offset(),
+                        stage="sink_decode",
+                        error=exc,
+                        payload=message.value(),
+                    )
+                    dead = settings.topic("deadletter")
+                    producer.produce(
+                        dead,
+                        key=message.key(),
+                        value=codec.encode("DeadLetter", letter, topic=dead),
+                    )
+                    producer.poll(0)
+            if sink.window_due():
+                sink.flush()
+    finally:
+        sink.flush()
+        producer.flush(10)
+        consumer.close()
+
+
+async def run_sink(settings: Settings, *, ready: threading.Event | None = None) -> None:
+    """Serve the gallery and consume results until cancelled."""
+    sink = SampledSink(
+        out_dir=settings.resolved_sink_dir,
+        window_s=settings.sink_window_s,
+        per_window=settings.sink_per_window,
+    )
+    runner, url = await serve_gallery(sink, host=settings.sink_host, port=settings.sink_port)
+    print(f"gallery: {url}", flush=True)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=consume_into, args=(sink, settings, stop), name="sink-consumer", daemon=True
+    )
+    thread.start()
+    if ready is not None:
+        ready.set()
+    try:
+        while thread.is_alive():
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+        await runner.cleanup()

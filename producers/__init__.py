@@ -1,0 +1,1 @@
+"""Producers of tagstream: tweet sources, demo traffic and the demo image host."""

@@ -1,0 +1,75 @@
+"""Helpers shared by the integration tests: child-process settings, topic readers, loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from infra.settings import Settings
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The TAGSTREAM_ variables that make a child process see `settings`."""
+    import json
+
+    env = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name in ("x_bearer_token", "kafka_extra"):
+            continue
+        key = f"TAGSTREAM_{name.upper()}"
+        env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    env.update(extra)
+    return env
+
+
+class KafkaReader:
+    """Reads and decodes whole topics (from the beginning) with a fresh consumer group."""
+
+    def __init__(self, settings: Settings, topics: dict[str, str]) -> None:
+        from confluent_kafka import Consumer
+
+        from infra.kafka import consumer_config
+        from schemas.codec import Codec
+
+        self.codec = Codec.from_settings(settings)
+        self.records = {topic: record for topic, record in topics.items()}
+        self.found: dict[str, list[dict]] = {topic: [] for topic in topics}
+        self.consumer = Consumer(consumer_config(settings, f"reader-{uuid.uuid4().hex[:8]}"))
+        self.consumer.subscribe([settings.topic(t) for t in topics])
+        self.names = {settings.topic(t): t for t in topics}
+
+    def read_until(
+        self, done: Callable[[dict[str, list[dict]]], bool], *, timeout_s: float
+    ) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not done(self.found):
+            for message in self.consumer.consume(500, timeout=0.5):
+                if message.error():
+                    continue
+                short = self.names[message.topic()]
+                value = self.codec.decode(self.records[short], message.value())
+                value["_key"] = message.key()
+                self.found[short].append(value)
+        return self.found
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class BackgroundLoop:
+    """An asyncio loop in a thread, for the aiohttp servers the tests start."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
