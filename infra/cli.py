@@ -122,6 +122,12 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from infra.bench import run_bench
+
+    return run_bench(get_settings(), images=args.images)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tagstream", description="Real-time hashtag suggestions for tweet images."
@@ -180,6 +186,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo-model", help="train (once) and show the demo model").set_defaults(
         func=cmd_demo_model
     )
+    bench = commands.add_parser("bench", help="throughput ratios measured in one run")
+    bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

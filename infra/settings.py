@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(
         6000, ge=1000, description="consumer group session timeout; tansu waits half on first join"
     )
+    fetch_wait_max_ms: int = Field(
+        10,
+        ge=0,
+        description="consumer fetch.wait.max.ms; tansu holds every fetch this long, so keep it low",
+    )
     kafka_extra: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka settings (security.protocol, sasl.*)"
     )
@@ -60,8 +65,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="hosts or IPs fetched even if private/loopback (the demo image server)",
     )
-    agent_batch: int = Field(64, ge=1, description="tweets the Faust agent takes at once")
-    agent_batch_within_s: float = Field(0.2, gt=0, description="longest wait for a full take")
+    agent_max_in_flight: int = Field(
+        256, ge=1, description="tweets the Faust agent works on at once (its backpressure)"
+    )
 
     # Inference -----------------------------------------------------------------
     batch_max_size: int = Field(32, ge=1)

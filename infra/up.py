@@ -22,6 +22,16 @@ from infra.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when our parent dies (no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop_all() is the only guard
+        pass
+
+
 class ProcessGroup:
     """Child processes started together and stopped together (SIGTERM, then SIGKILL)."""
 
@@ -43,6 +53,7 @@ class ProcessGroup:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # our Ctrl-C handling, not the terminal's, stops children
+            preexec_fn=_die_with_parent,
         )
         self.processes[name] = process
         log.info("started %s (pid %d)", name, process.pid)
@@ -92,9 +103,18 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **overrides}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def up(settings: Settings, *, rate: float, count: int, open_ports: bool = True) -> int:
     from infra.topics import ensure_topics
     from models.demo import ensure_demo_model
+
+    # Explicit handlers: a process started in the background inherits SIGINT ignored,
+    # and `docker stop`, systemd and `kill` send SIGTERM; either must stop everything.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     broker: EmbeddedBroker | None = None
     log_dir = settings.data_dir / "logs"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faust
 
 from infra.settings import Settings, get_settings
+from processors.shedding import register_agent
 
 
 def faust_broker_urls(bootstrap: str) -> list[str]:
@@ -49,5 +50,4 @@ def create_app(settings: Settings) -> faust.App:
 
 settings = get_settings()
 app = create_app(settings)
-
-from processors import shedding  # noqa: E402,F401 - registers the agent on `app`
+register_agent(app, settings)

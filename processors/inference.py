@@ -59,6 +59,9 @@ class InferenceStats:
     dead_letters: int = 0
     batches: int = 0
     busy_s: float = 0.0
+    decode_s: float = 0.0
+    infer_s: float = 0.0
+    deliver_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -215,12 +218,14 @@ class InferenceConsumer:
 
         started = time.monotonic()
         prepared = list(self.pool.map(self.prepare, messages))
+        decoded = time.monotonic()
         ready = [p for p in prepared if p.error is None]
         for failed in (p for p in prepared if p.error is not None):
             self._dead_letter(failed)
         if ready:
             probabilities = self.classifier.probabilities(np.stack([p.array for p in ready]))
             inferred = now_ms()
+            self.stats.infer_s += time.monotonic() - decoded
             for p, row in zip(ready, probabilities, strict=True):
                 self._produce(
                     self.hashtags_topic,
@@ -240,7 +245,10 @@ class InferenceConsumer:
         )
         self.stats.images += len(ready)
         self.stats.batches += 1
-        self.stats.busy_s += time.monotonic() - started
+        finished = time.monotonic()
+        self.stats.busy_s += finished - started
+        self.stats.decode_s += decoded - started
+        self.stats.deliver_s = self.stats.busy_s - self.stats.decode_s - self.stats.infer_s
         self._report_images += len(ready)
         self._report_batches += 1
         return len(ready)

@@ -1,10 +1,10 @@
 """The shedding and fetch stage: `tweets` in; `images`, `tweets.shed` and `deadletter` out.
 
-Delivery guarantee: at-least-once. The agent takes events in batches
-(`take_events`), and Faust acks them only after the batch's body has run; the
-body awaits the delivery of every record it produced before it returns. A crash
-in between re-delivers the batch: ImageEvents are keyed by media key and
-results by tweet id, so downstream sees harmless duplicates, never gaps.
+Delivery guarantee: at-least-once. Each tweet is handled in a task of its own
+and acked only once every record it produced has been delivered; Faust commits
+only the contiguous acked offsets. A crash in between re-delivers the tweet:
+ImageEvents are keyed by media key and results by tweet id, so downstream sees
+harmless duplicates, never gaps.
 
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each
 photo then a result or a dead letter downstream), a ShedRecord (`no_photo`,
@@ -62,7 +62,9 @@ class ShedAndFetch:
     def _encode(self, topic: str, record: str, key: str, value: dict) -> Outgoing:
         return Outgoing(topic, key.encode(), self.codec.encode(record, value, topic=topic))
 
-    def _dead(self, source: SourceRecord, stage: str, error: BaseException, **ids) -> Outgoing:
+    def dead_letter_record(
+        self, source: SourceRecord, stage: str, error: BaseException, **ids
+    ) -> Outgoing:
         letter = dead_letter(
             source_topic=source.topic,
             source_partition=source.partition,
@@ -95,45 +97,35 @@ class ShedAndFetch:
         }
         return self._encode(self.shed_topic, "ShedRecord", tweet["id"], record)
 
-    async def process(self, batch: list[SourceRecord]) -> list[Outgoing]:
-        """Everything the batch produces, in input order."""
+    async def process(self, source: SourceRecord) -> list[Outgoing]:
+        """Everything one consumed tweet produces.
+
+        Decoding and admission run before the first await, so tweets are admitted
+        in the order they were consumed even though their fetches overlap.
+        """
         received = now_ms()
-        out: list[Outgoing | None] = []
-        fetches: list[tuple[int, SourceRecord, dict, dict, int, float]] = []
-        for source in batch:
-            try:
-                tweet = self.codec.decode("Tweet", source.value)
-            except CodecError as exc:
-                out.append(self._dead(source, "decode_tweet", exc, payload=source.value))
-                continue
-            tweet_photos = photos(tweet)
-            if not tweet_photos:
-                kinds = sorted({m["type"] for m in tweet["media"]}) or ["none"]
-                out.append(
-                    self._shed(
-                        tweet,
-                        "no_photo",
-                        "media: " + ",".join(kinds),
-                        [],
-                        self.admission.snapshot(),
-                    )
+        try:
+            tweet = self.codec.decode("Tweet", source.value)
+        except CodecError as exc:
+            return [self.dead_letter_record(source, "decode_tweet", exc, payload=source.value)]
+        tweet_photos = photos(tweet)
+        if not tweet_photos:
+            kinds = sorted({m["type"] for m in tweet["media"]}) or ["none"]
+            detail = "media: " + ",".join(kinds)
+            return [self._shed(tweet, "no_photo", detail, [], self.admission.snapshot())]
+        admission = self.admission.admit()
+        if not admission.admitted:
+            keys = [p["media_key"] for p in tweet_photos]
+            return [self._shed(tweet, "over_rate", "token bucket empty", keys, admission)]
+        admitted = now_ms()
+        return list(
+            await asyncio.gather(
+                *(
+                    self._fetch_one(source, tweet, photo, position, received, admitted)
+                    for position, photo in enumerate(tweet_photos)
                 )
-                continue
-            admission = self.admission.admit()
-            if not admission.admitted:
-                keys = [p["media_key"] for p in tweet_photos]
-                out.append(self._shed(tweet, "over_rate", "token bucket empty", keys, admission))
-                continue
-            admitted = now_ms()
-            for position, photo in enumerate(tweet_photos):
-                out.append(None)  # filled in once the fetch is done, to keep input order
-                fetches.append((len(out) - 1, source, tweet, photo, position, admitted))
-        results = await asyncio.gather(
-            *(self._fetch_one(s, t, p, pos, received, adm) for _, s, t, p, pos, adm in fetches)
+            )
         )
-        for (slot, *_), outgoing in zip(fetches, results, strict=True):
-            out[slot] = outgoing
-        return [o for o in out if o is not None]
 
     async def _fetch_one(
         self,
@@ -149,7 +141,7 @@ class ShedAndFetch:
         try:
             fetched = await self.fetcher.fetch(photo["url"])
         except FetchError as exc:
-            return self._dead(source, "fetch", exc, **ids)
+            return self.dead_letter_record(source, "fetch", exc, **ids)
         event = {
             "tweet_id": tweet["id"],
             "media_key": photo["media_key"],
@@ -172,8 +164,8 @@ class ShedAndFetch:
         return self._encode(self.images_topic, "ImageEvent", photo["media_key"], event)
 
 
-def _register_agent() -> None:
-    from processors.app import app, settings
+def register_agent(app, settings: Settings) -> None:
+    """Put the `shed_and_fetch` agent on `app` (processors/app.py calls this)."""
     from processors.fetch import ImageFetcher
 
     tweets = app.topic(settings.topic("tweets"), value_serializer="raw", key_serializer="raw")
@@ -187,26 +179,45 @@ def _register_agent() -> None:
 
     @app.agent(tweets, name="shed_and_fetch")
     async def shed_and_fetch(stream):
+        # One tweet's slow photo must not hold the tweets behind it: each tweet is a
+        # task, acked when its records are delivered. Faust commits only the contiguous
+        # acked offsets, so out-of-order acks keep at-least-once. The semaphore bounds
+        # the tweets in flight, which is the agent's backpressure on the consumer.
+        in_flight = asyncio.Semaphore(settings.agent_max_in_flight)
+        tasks: set[asyncio.Task] = set()
+
+        async def handle(stage: ShedAndFetch, event) -> None:
+            try:
+                message = event.message
+                source = SourceRecord(
+                    event.value, event.key, message.topic, message.partition, message.offset
+                )
+                try:
+                    outgoing = await stage.process(source)
+                except Exception as exc:  # a bug must not lose the tweet: dead-letter it
+                    log.exception("unexpected error on %s", source)
+                    outgoing = [
+                        stage.dead_letter_record(
+                            source, "shed_and_fetch", exc, payload=source.value
+                        )
+                    ]
+                pending = [
+                    await by_full_name[o.topic].send(key=o.key, value=o.value) for o in outgoing
+                ]
+                await asyncio.gather(*pending)
+                event.ack()
+            finally:
+                in_flight.release()
+
         async with ImageFetcher.from_settings(settings) as fetcher:
             stage = ShedAndFetch(
                 settings=settings, codec=codec, fetcher=fetcher, admission=admission
             )
-            async for events in stream.take_events(
-                settings.agent_batch, within=settings.agent_batch_within_s
-            ):
-                batch = [
-                    SourceRecord(
-                        e.value, e.key, e.message.topic, e.message.partition, e.message.offset
-                    )
-                    for e in events
-                ]
-                outgoing = await stage.process(batch)
-                pending = [
-                    await by_full_name[o.topic].send(key=o.key, value=o.value) for o in outgoing
-                ]
-                # Delivered before Faust acks the batch: at-least-once.
-                await asyncio.gather(*pending)
-                log.info("batch of %d tweets -> %d records", len(batch), len(outgoing))
-
-
-_register_agent()
+            try:
+                async for event in stream.noack().events():
+                    await in_flight.acquire()
+                    task = asyncio.create_task(handle(stage, event))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                await asyncio.gather(*tasks, return_exceptions=True)

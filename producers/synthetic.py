@@ -10,6 +10,7 @@ huge, corrupt). Texts carry markup and ampersands to exercise escaping downstrea
 
 from __future__ import annotations
 
+import html
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,7 +75,7 @@ _PLAIN = (
     "No filter needed \N{CAMERA}",
     "Tom & Jerry would approve <3",
     "<script>alert('hi')</script> totally normal caption",
-    "Rate this 1-10 &amp; be honest",
+    "Rate this 1-10 & be honest",
     "",
 )
 
@@ -190,7 +191,8 @@ class SyntheticTweets:
 
         data: dict[str, Any] = {
             "id": self.tweet_id(n),
-            "text": self._text(rng, classes),
+            # The API sends text with &, < and > as HTML entities; so do we.
+            "text": html.escape(self._text(rng, classes), quote=False),
             "author_id": str(1_000_000 + rng.randrange(500)),
             "created_at": (_EPOCH + timedelta(milliseconds=500 * n)).strftime(
                 "%Y-%m-%dT%H:%M:%S.%f"

@@ -8,6 +8,7 @@ its own media list back, in the order of its ``attachments.media_keys``.
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from infra.exceptions import CodecError
@@ -126,7 +127,9 @@ def tweet_from_stream_line(
         raise CodecError(f"{where}: 'text' must be a string, got {type(text).__name__}")
     return {
         "id": tweet_id,
-        "text": text,
+        # X API v2 sends tweet text with &, < and > as entities; the record holds the text
+        # itself, and every display escapes it once, where it is shown.
+        "text": html.unescape(text),
         "author_id": _opt_str(data, "author_id", where),
         "created_at": _opt_str(data, "created_at", where),
         "media": _media(line, data, where),

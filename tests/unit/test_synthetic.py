@@ -131,7 +131,8 @@ def test_each_kind_converts_to_a_valid_tweet(
 
 def test_texts_include_markup_sometimes(gen: SyntheticTweets) -> None:
     texts = [gen.line(n)["data"]["text"] for n in range(LINES)]
-    assert any("<" in t for t in texts) and any("&" in t for t in texts)
+    assert any("&lt;" in t for t in texts) and any("&amp;" in t for t in texts)
+    assert not any("<" in t for t in texts)  # escaped, as the API sends text
     assert any(any(w in t for w in ("cat", "dog", "panda", "spider", "cow")) for t in texts)
 
 
@@ -196,3 +197,9 @@ def test_bad_fractions_are_refused() -> None:
         SyntheticTweets(image_base_url=BASE, fault_fraction=0.6, multi_photo_fraction=0.6)
     with pytest.raises(ValueError, match="0..1"):
         SyntheticTweets(image_base_url=BASE, video_fraction=-0.1)
+
+
+def test_stream_text_entities_are_unescaped_once() -> None:
+    line = {"data": {"id": "9", "text": "Tom &amp; Jerry &lt;3 &amp;amp;"}}
+    tweet = tweet_from_stream_line(line, source="twitter", ingested_at_ms=1.0)
+    assert tweet["text"] == "Tom & Jerry <3 &amp;"
