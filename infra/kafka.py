@@ -87,3 +87,20 @@ class DeliveryTracker:
             if self.failed:
                 error, self.failed, self.first_error = self.first_error, 0, None
                 raise BrokerError(f"produce failed: {error}")
+
+
+def produce(
+    producer: Any, topic: str, *, key: bytes | None, value: bytes, on_delivery: Any
+) -> None:
+    """Produce one record; when librdkafka's local queue is full, serve callbacks and retry.
+
+    A full queue is backpressure from the broker, not an error: waiting here slows
+    the caller down instead of dropping the record.
+    """
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+            break
+        except BufferError:
+            producer.poll(0.1)
+    producer.poll(0)

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from infra.exceptions import CodecError, DecodeImageError
-from infra.kafka import DeliveryTracker, consumer_config, producer_config
+from infra.kafka import DeliveryTracker, consumer_config, produce, producer_config
 from infra.settings import Settings
 from models.runtime import OnnxClassifier
 from schemas.codec import Codec
@@ -181,18 +181,13 @@ class InferenceConsumer:
 
     def _produce(self, topic: str, record: str, key: str, value: dict) -> None:
         payload = self.codec.encode(record, value, topic=topic)
-        while True:
-            try:
-                self.producer.produce(
-                    topic,
-                    key=key.encode(),
-                    value=payload,
-                    on_delivery=self.deliveries.delivery_report,
-                )
-                break
-            except BufferError:  # local queue full: serve callbacks and try again
-                self.producer.poll(0.1)
-        self.producer.poll(0)
+        produce(
+            self.producer,
+            topic,
+            key=key.encode(),
+            value=payload,
+            on_delivery=self.deliveries.delivery_report,
+        )
 
     def _dead_letter(self, prepared: Prepared) -> None:
         message, event = prepared.message, prepared.event or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from infra.kafka import DeliveryTracker, producer_config
+from infra.kafka import DeliveryTracker, produce, producer_config
 from infra.settings import Settings
 from schemas.codec import Codec
 
@@ -33,15 +33,13 @@ class TweetProducer:
 
     def send_raw(self, key: bytes | None, value: bytes) -> None:
         """Produce bytes as they are (replays, and tests of malformed input)."""
-        while True:
-            try:
-                self.producer.produce(
-                    self.topic, key=key, value=value, on_delivery=self.deliveries.delivery_report
-                )
-                break
-            except BufferError:
-                self.producer.poll(0.1)
-        self.producer.poll(0)
+        produce(
+            self.producer,
+            self.topic,
+            key=key,
+            value=value,
+            on_delivery=self.deliveries.delivery_report,
+        )
 
     def flush(self, timeout_s: float = 30.0) -> None:
         remaining = self.producer.flush(timeout_s)
