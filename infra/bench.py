@@ -179,6 +179,30 @@ def bench_fetch_paths(
     return ours_figure, seed_figure
 
 
+def int8_variant(settings: Settings, model_dir: Path, classifier):
+    """The model's INT8 variant, calibrated on demo training images; cached beside the model."""
+    from models.demo import TRAIN_SEEDS_START
+    from models.quantize import make_variant
+    from models.runtime import OnnxClassifier
+    from producers.demo_images import render_demo_jpeg
+
+    out = model_dir.with_name(model_dir.name + "-int8")
+    if not (out / "manifest.json").is_file():
+        calibration = [
+            np.stack(
+                [
+                    classifier.preset.from_bytes(render_demo_jpeg(name, TRAIN_SEEDS_START + n))[0]
+                    for n in range(8)
+                ]
+            )
+            for name in classifier.classes
+        ]
+        make_variant(model_dir, out, "int8", calibration=calibration)
+    return OnnxClassifier(
+        out, provider=settings.ort_provider, intra_op_threads=settings.ort_intra_op_threads
+    )
+
+
 def run_bench(settings: Settings, *, images: int = 512) -> int:
     from infra.broker import EmbeddedBroker
     from models.demo import ensure_demo_model
@@ -201,6 +225,8 @@ def run_bench(settings: Settings, *, images: int = 512) -> int:
     )
 
     standalone = bench_standalone(classifier, jpegs, batch)
+    int8 = bench_standalone(int8_variant(settings, Path(model_dir), classifier), jpegs, batch)
+    int8.name = "ONNX Runtime alone, INT8 (static QDQ) variant"
     broker = None
     if not settings.kafka_bootstrap:
         broker = EmbeddedBroker().start()
@@ -227,12 +253,13 @@ def run_bench(settings: Settings, *, images: int = 512) -> int:
         loop.call_soon_threadsafe(loop.stop)
 
     print()
-    for figure in (standalone, consumer, ours, seed):
+    for figure in (standalone, int8, consumer, ours, seed):
         print(
             f"{figure.rate:9.1f} images/s  {figure.name}"
             f" ({figure.images} in {figure.seconds:.2f} s)"
         )
     print()
     print(f"consumer through Kafka / ONNX Runtime alone: {consumer.rate / standalone.rate:.2f}")
+    print(f"INT8 / FP32, ONNX Runtime alone: {int8.rate / standalone.rate:.2f}")
     print(f"ours / seed-style baseline (fetch+decode+infer): {ours.rate / seed.rate:.2f}")
     return 0
