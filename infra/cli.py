@@ -82,6 +82,43 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce_twitter(args: argparse.Namespace) -> int:
+    from infra.exceptions import ConfigurationError
+    from producers.xapi import XApiError, run_twitter_producer
+
+    settings = get_settings()
+    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
+        print(
+            "error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API filtered stream needs an "
+            "app bearer token",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def run() -> dict:
+        # An asyncio.Event, set from the loop's own signal handlers, stops the stream at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        return await run_twitter_producer(
+            settings,
+            rules=args.rules,
+            dry_run=args.dry_run,
+            stop=stop,
+            max_tweets=args.max_tweets,
+        )
+
+    try:
+        counts = asyncio.run(run())
+    except (ConfigurationError, XApiError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from models.demo import ensure_demo_model
     from models.runtime import OnnxClassifier
@@ -173,6 +210,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--image-base-url", default=None, help="default: the configured image server"
     )
     synthetic.set_defaults(func=cmd_produce_synthetic)
+    twitter = sources.add_parser(
+        "twitter", help="the X API v2 filtered stream (needs TAGSTREAM_X_BEARER_TOKEN)"
+    )
+    twitter.add_argument(
+        "--rules",
+        default="targeted",
+        help="'targeted' (one rule per class), 'general', or a JSON file of "
+        "[{value, tag}] (default: targeted)",
+    )
+    twitter.add_argument(
+        "--dry-run", action="store_true", help="only validate the rules with the API, then exit"
+    )
+    twitter.add_argument(
+        "--max-tweets", type=int, default=None, help="stop after this many tweets (default: none)"
+    )
+    twitter.set_defaults(func=cmd_produce_twitter)
 
     infer = commands.add_parser("infer", help="run an inference consumer")
     infer.add_argument(

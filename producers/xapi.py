@@ -1,0 +1,592 @@
+"""The X API v2 filtered stream: rule management, a reconnecting reader, and the producer.
+
+`FilteredStream` is an aiohttp client of ``/2/tweets/search/stream`` and its rules. Its
+`stream_lines()` never gives up on its own (unless `max_reconnects` says so): it follows
+the documented back-off, linear +250 ms up to 16 s for network errors and stalls (nothing,
+not even a keep-alive, for `keepalive_timeout_s`), exponential from 5 s up to 320 s for
+HTTP errors and in-stream error objects, and exponential from 60 s for 429, waiting for
+``x-rate-limit-reset`` when that is later.
+
+`run_twitter_producer` turns the stream into Tweet records on `tweets`. Delivery is
+at-least-once from the stream's point of view: the Kafka producer is idempotent, so its
+own retries never duplicate, but a reconnect may replay tweets the API already sent.
+Tweet ids are the record keys and a bounded memory of recent ids drops the replays it
+sees, so duplicates can only come from a restart of the process. Lines that are not
+tweets go to `deadletter` with their bytes; nothing read from the stream is dropped
+silently.
+
+The bearer token lives in a `SecretStr` and is unwrapped only to build the Authorization
+header of a request: it is never logged, never put in an exception message, never in a
+repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from infra.exceptions import CodecError, ConfigurationError, TagstreamError
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RULES_PATH = "/2/tweets/search/stream/rules"
+STREAM_PATH = "/2/tweets/search/stream"
+
+#: What each stream line carries: the photos' urls come back under ``includes.media``.
+STREAM_PARAMS = {
+    "expansions": "attachments.media_keys",
+    "media.fields": "media_key,type,url,preview_image_url,width,height,alt_text",
+    "tweet.fields": "created_at,author_id,attachments",
+}
+
+# The documented back-off schedule (SEED_NOTES.md, "X API v2 facts").
+NETWORK_STEP_S = 0.25
+NETWORK_MAX_S = 16.0
+HTTP_FIRST_S = 5.0
+HTTP_MAX_S = 320.0
+RATE_LIMIT_FIRST_S = 60.0
+#: The API gives no ceiling for 429; 15 min is its rate-limit window, so doubling past
+#: it only adds waiting.
+RATE_LIMIT_MAX_S = 960.0
+#: A reset header further ahead than this is not trusted (clock skew, a bad proxy).
+RATE_LIMIT_RESET_MAX_S = 3600.0
+
+#: Statuses that no waiting will fix: a bad token, a bad request, a missing endpoint.
+FATAL_STATUSES = frozenset({400, 401, 403, 404})
+
+#: A line longer than this is not a tweet; the buffer is cut rather than grown forever.
+MAX_LINE_BYTES = 4_000_000
+
+
+class XApiError(TagstreamError):
+    """The X API refused a request in a way that waiting will not fix, or we gave up."""
+
+
+@dataclass(frozen=True)
+class MalformedLine:
+    """A stream line that is not a JSON object; the caller dead-letters its bytes."""
+
+    raw: bytes
+    error: str
+
+
+class _Reconnect(Exception):
+    """Internal: end this connection and reconnect after the back-off of `kind`."""
+
+    def __init__(self, kind: str, reason: str, *, reset_at: float | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.reset_at = reset_at
+
+
+def _plural(word: str) -> str:
+    irregular = {"sheep": "sheep", "butterfly": "butterflies", "mouse": "mice"}
+    if word in irregular:
+        return irregular[word]
+    return word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
+
+
+def _singular(name: str) -> str:
+    # Class folders are named either way ("cats", "cow"); "ss" words are singular.
+    return name[:-1] if name.endswith("s") and not name.endswith("ss") else name
+
+
+def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]:
+    """One rule per class, tagged with the class name, for original tweets with images.
+
+    ``cow`` gives ``(cow OR cows OR #cow) has:images -is:retweet``. The default classes
+    are the demo model's, less ``others`` (which names no animal to look for).
+    """
+    if classes is None:
+        from producers.demo_images import DEMO_CLASSES
+
+        classes = [c for c in DEMO_CLASSES if c != "others"]
+    rules = []
+    for name in classes:
+        one = _singular(name)
+        words = dict.fromkeys([one, _plural(one), f"#{one}"])  # ordered, no repeats (sheep)
+        rules.append({"value": f"({' OR '.join(words)}) has:images -is:retweet", "tag": name})
+    return rules
+
+
+def general_rules() -> list[dict[str, str]]:
+    """A couple of broad rules for photos of anything.
+
+    A rule needs at least one standalone operator (a keyword): ``has:images`` and
+    ``-is:retweet`` alone are rejected by the API.
+    """
+    return [
+        {
+            "value": "(photo OR pic OR picture OR #photography) has:images -is:retweet",
+            "tag": "general",
+        },
+        {
+            "value": "(animal OR animals OR pet OR pets OR #animals) has:images -is:retweet",
+            "tag": "general-animals",
+        },
+    ]
+
+
+def load_rules(spec: str) -> list[dict[str, str]]:
+    """The rules named by ``targeted``, ``general``, or a JSON file of ``[{value, tag}]``."""
+    if spec == "targeted":
+        return targeted_rules()
+    if spec == "general":
+        return general_rules()
+    path = Path(spec)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(
+            f"rules {spec!r}: not 'targeted', 'general' or a JSON file: {e}"
+        ) from None
+    if not isinstance(raw, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("value"), str) and r["value"] for r in raw
+    ):
+        raise ConfigurationError(f"rules file {path}: must be a list of {{'value', 'tag'}}")
+    return [{"value": r["value"], "tag": str(r.get("tag") or "")} for r in raw]
+
+
+class FilteredStream:
+    """An async client of the X API v2 filtered stream and its rules.
+
+    Use as ``async with FilteredStream(...) as stream`` (or call `close()`); the aiohttp
+    session is opened on first use. `counters` counts connections, lines and failures by
+    kind; `backoffs` holds every delay slept before a reconnect, in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        bearer_token: SecretStr,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
+        keepalive_timeout_s: float = 20.0,
+        connect_timeout_s: float = 10.0,
+        max_reconnects: int | None = None,
+    ) -> None:
+        if not isinstance(bearer_token, SecretStr):
+            # A plain str would end up in reprs and tracebacks' locals; refuse it early.
+            raise TypeError("bearer_token must be a pydantic SecretStr")
+        self.base_url = base_url.rstrip("/")
+        self._token = bearer_token
+        self._clock = clock
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_reconnects = max_reconnects
+        self.counters: Counter[str] = Counter()
+        self.backoffs: list[float] = []
+        # Consecutive failures per back-off kind; a kind's count restarts at success.
+        self._failures: Counter[str] = Counter()
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"FilteredStream(base_url={self.base_url!r}, bearer_token=SecretStr('**********'))"
+
+    async def __aenter__(self) -> FilteredStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No total or read timeout: the stream is endless and the keep-alive watchdog
+            # below notices a silent connection.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s)
+            )
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token.get_secret_value()}"}
+
+    def _redact(self, text: str) -> str:
+        """`text` without the token, for anything that may echo a request back."""
+        secret = self._token.get_secret_value()
+        return text.replace(secret, "**********") if secret else text
+
+    # Rules ---------------------------------------------------------------------------
+
+    async def _rules_call(
+        self, method: str, *, body: dict | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
+        params = {"dry_run": "true"} if dry_run else None
+        try:
+            async with self._http().request(
+                method,
+                self.base_url + RULES_PATH,
+                json=body,
+                params=params,
+                headers=self._headers(),
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as e:
+            # `from None`: aiohttp errors can carry the request and its headers.
+            raise XApiError(
+                self._redact(f"{method} {RULES_PATH}: {type(e).__name__}: {e}")
+            ) from None
+        try:
+            payload = json.loads(text) if text else {}
+        except ValueError:
+            payload = {"raw": text[:500]}
+        if status >= 300:
+            raise XApiError(self._redact(f"{method} {RULES_PATH}: HTTP {status}: {text[:500]}"))
+        if not isinstance(payload, dict):
+            raise XApiError(f"{method} {RULES_PATH}: answer is not a JSON object")
+        return payload
+
+    async def get_rules(self) -> list[dict[str, Any]]:
+        """The rules in place now: ``[{"id", "value", "tag"}]``."""
+        payload = await self._rules_call("GET")
+        return list(payload.get("data") or [])
+
+    async def _post_rules(self, body: dict, *, dry_run: bool) -> dict[str, Any]:
+        payload = await self._rules_call("POST", body=body, dry_run=dry_run)
+        # The API answers 200 with `errors` for rules it did not take; a duplicate is
+        # harmless (it is in place), anything else (invalid syntax, too long) is not.
+        errors = [e for e in payload.get("errors") or [] if e.get("title") != "DuplicateRule"]
+        if errors:
+            raise XApiError(self._redact(f"rules not accepted: {json.dumps(errors)[:1000]}"))
+        return payload
+
+    async def sync_rules(
+        self, wanted: list[dict[str, str]], *, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Make the stream's rules `wanted`, touching only what differs.
+
+        Existing rules whose value is not wanted are deleted, and so is a wanted value
+        with another tag (the API refuses a second rule of the same value, and the tag
+        is what names the class downstream); missing rules are added. Rules already
+        right are kept, so the stream never loses them. With `dry_run` the API only
+        validates (``?dry_run=true``) and nothing changes.
+        """
+        wanted_tags = {r["value"]: r.get("tag") or "" for r in wanted}
+        existing = await self.get_rules()
+        delete_ids: list[str] = []
+        kept: list[dict[str, Any]] = []
+        in_place: set[str] = set()
+        for rule in existing:
+            value = rule.get("value")
+            if value in wanted_tags and (rule.get("tag") or "") == wanted_tags[value]:
+                kept.append(rule)
+                in_place.add(value)
+            else:
+                delete_ids.append(str(rule["id"]))
+        add = [
+            {"value": value, "tag": tag}
+            for value, tag in wanted_tags.items()
+            if value not in in_place
+        ]
+        # Deletes first: a re-tagged value must be gone before it can be added again.
+        if delete_ids:
+            await self._post_rules({"delete": {"ids": delete_ids}}, dry_run=dry_run)
+        if add:
+            await self._post_rules({"add": add}, dry_run=dry_run)
+        log.info(
+            "rules%s: %d kept, %d added, %d deleted",
+            " (dry run)" if dry_run else "",
+            len(kept),
+            len(add),
+            len(delete_ids),
+        )
+        return {"kept": kept, "added": add, "deleted": delete_ids, "dry_run": dry_run}
+
+    # Stream --------------------------------------------------------------------------
+
+    def _backoff(self, failure: _Reconnect) -> float:
+        self._failures[failure.kind] += 1
+        n = self._failures[failure.kind]
+        if failure.kind == "network":
+            return min(NETWORK_STEP_S * n, NETWORK_MAX_S)
+        if failure.kind == "rate_limit":
+            delay = min(RATE_LIMIT_FIRST_S * 2 ** (n - 1), RATE_LIMIT_MAX_S)
+            if failure.reset_at is not None:
+                until_reset = failure.reset_at - self._wall_clock()
+                delay = max(delay, min(until_reset, RATE_LIMIT_RESET_MAX_S))
+            return delay
+        # "http" and "stream_error"
+        return min(HTTP_FIRST_S * 2 ** (n - 1), HTTP_MAX_S)
+
+    async def stream_lines(self) -> AsyncIterator[dict[str, Any] | MalformedLine]:
+        """Stream lines, parsed, for as long as the caller reads; reconnects as documented.
+
+        Yields each line with ``data`` as a dict, and each line that is not a JSON
+        object as a `MalformedLine`. Keep-alives are counted, error objects counted and
+        followed by a reconnect. Raises `XApiError` for 400/401/403/404, and after
+        `max_reconnects` reconnects when that is set. Close it (``contextlib.aclosing``)
+        to drop the connection at once.
+        """
+        reconnects = 0
+        while True:
+            try:
+                # aclosing: a caller that stops reading closes the connection now, not at GC.
+                async with contextlib.aclosing(self._one_connection()) as items:
+                    async for item in items:
+                        yield item
+                # The server ended the response: like a dropped connection.
+                raise _Reconnect("network", "stream ended by the server")
+            except _Reconnect as failure:
+                if self.max_reconnects is not None and reconnects >= self.max_reconnects:
+                    raise XApiError(
+                        f"gave up after {reconnects} reconnects; last: {failure.reason}"
+                    ) from None
+                reconnects += 1
+                self.counters["reconnects"] += 1
+                delay = self._backoff(failure)
+                self.backoffs.append(delay)
+                log.warning("X stream: %s; reconnecting in %.2f s", failure.reason, delay)
+                await self._sleep(delay)
+
+    async def _one_connection(self) -> AsyncIterator[dict[str, Any] | MalformedLine]:
+        try:
+            response = await self._http().get(
+                self.base_url + STREAM_PATH, params=STREAM_PARAMS, headers=self._headers()
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            self.counters["network_errors"] += 1
+            raise _Reconnect("network", f"connect failed: {type(e).__name__}") from None
+        async with response:
+            if response.status != 200:
+                await self._refuse(response)
+            self.counters["connections"] += 1
+            # A connection that got in restarts the schedules of getting in; the
+            # in-stream error schedule restarts only with a tweet (an error object
+            # right after every 200 must still back off further each time).
+            for kind in ("network", "http", "rate_limit"):
+                self._failures.pop(kind, None)
+            async with contextlib.aclosing(self._lines(response)) as lines:
+                async for raw in lines:
+                    yield self._parse(raw)
+
+    async def _refuse(self, response: aiohttp.ClientResponse) -> None:
+        status = response.status
+        self.counters[f"http_{status}"] += 1
+        body = ""
+        # The body only explains the refusal; a server that never sends it must not hang us.
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            raw = await asyncio.wait_for(response.content.read(2000), self.connect_timeout_s)
+            body = raw.decode("utf-8", "replace")
+        if status in FATAL_STATUSES:
+            raise XApiError(self._redact(f"GET {STREAM_PATH}: HTTP {status}: {body[:500]}"))
+        if status == 429:
+            reset_at = None
+            with contextlib.suppress(KeyError, ValueError):
+                reset_at = float(response.headers["x-rate-limit-reset"])
+            raise _Reconnect("rate_limit", "HTTP 429 (rate limited)", reset_at=reset_at)
+        raise _Reconnect("http", f"HTTP {status}")
+
+    async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The lines of one response, without their ``\\r\\n``; keep-alives reset the watchdog."""
+        buffer = b""
+        last_activity = self._clock()
+        while True:
+            left = last_activity + self.keepalive_timeout_s - self._clock()
+            try:
+                chunk = await asyncio.wait_for(response.content.readany(), max(left, 0.0))
+            except TimeoutError:
+                self.counters["stalls"] += 1
+                raise _Reconnect("network", f"no data for {self.keepalive_timeout_s:g} s") from None
+            except (aiohttp.ClientError, OSError) as e:
+                self.counters["network_errors"] += 1
+                if buffer.strip():
+                    self.counters["truncated_lines"] += 1
+                raise _Reconnect("network", f"connection lost: {type(e).__name__}") from None
+            if not chunk:
+                if buffer.strip():
+                    # Cut mid-line: the rest never comes; the API resends on reconnect.
+                    self.counters["truncated_lines"] += 1
+                raise _Reconnect("network", "connection closed")
+            last_activity = self._clock()
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                line = line.rstrip(b"\r")
+                if line.strip():
+                    yield line
+                else:
+                    self.counters["keepalives"] += 1
+            if len(buffer) > MAX_LINE_BYTES:
+                yield buffer  # parsed as malformed: dead-lettered, not lost
+                buffer = b""
+
+    def _parse(self, raw: bytes) -> dict[str, Any] | MalformedLine:
+        try:
+            line = json.loads(raw)
+        except ValueError as e:
+            self.counters["malformed"] += 1
+            return MalformedLine(raw=raw, error=f"not JSON: {e}"[:500])
+        if not isinstance(line, dict):
+            self.counters["malformed"] += 1
+            return MalformedLine(raw=raw, error=f"not a JSON object: {type(line).__name__}")
+        if "data" in line:
+            self.counters["lines"] += 1
+            self._failures.pop("stream_error", None)
+            return line
+        errors = line.get("errors")
+        if isinstance(errors, list) and errors:
+            titles = [
+                str(e.get("title", "unknown")) if isinstance(e, dict) else "unknown" for e in errors
+            ]
+            for title in titles:
+                self.counters[f"stream_error:{title}"] += 1
+            raise _Reconnect("stream_error", f"stream error {', '.join(titles)}")
+        self.counters["malformed"] += 1
+        return MalformedLine(raw=raw, error="object with neither 'data' nor 'errors'")
+
+
+# Producer ------------------------------------------------------------------------------
+
+#: Tweet ids remembered to drop the replays of a reconnect.
+RECENT_IDS = 50_000
+
+
+async def run_twitter_producer(
+    settings: Settings,
+    *,
+    rules: str,
+    dry_run: bool,
+    stop: asyncio.Event | None,
+    max_tweets: int | None = None,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> Counter[str]:
+    """Sync the stream's rules, then produce its tweets to `tweets` until `stop`.
+
+    `rules` is ``targeted``, ``general`` or the path of a JSON file of rules. With
+    `dry_run` the rules are only validated by the API, and nothing is streamed. Each data
+    line becomes a Tweet record (`matching_rules` kept, key = tweet id); a line that is
+    not JSON, or not a tweet (`CodecError`), becomes a DeadLetter (stage ``x_stream``)
+    holding its bytes. At-least-once from the stream's point of view: see the module
+    docstring. Everything produced is flushed before returning, also on `stop`. `sleep`
+    is the back-off sleep (tests inject one that does not wait).
+    """
+    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
+        raise ConfigurationError("TAGSTREAM_X_BEARER_TOKEN is not set: the X API needs it")
+    wanted = load_rules(rules)
+    counts: Counter[str] = Counter()
+    async with FilteredStream(
+        base_url=settings.x_api_base_url, bearer_token=settings.x_bearer_token, sleep=sleep
+    ) as stream:
+        synced = await stream.sync_rules(wanted, dry_run=dry_run)
+        counts.update(
+            rules_kept=len(synced["kept"]),
+            rules_added=len(synced["added"]),
+            rules_deleted=len(synced["deleted"]),
+        )
+        if dry_run:
+            return counts
+        producer = _Producer(settings)
+        try:
+            pump = asyncio.create_task(_pump(stream, producer, counts, max_tweets))
+            waits: set[asyncio.Task] = {pump}
+            if stop is not None:
+                waits.add(asyncio.create_task(stop.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                raise pump.exception()  # type: ignore[misc]
+        finally:
+            # Blocking flush off the loop: it waits for every delivery report.
+            await asyncio.to_thread(producer.flush)
+            counts.update(stream.counters)
+    log.info("X stream producer: %s", dict(counts))
+    return counts
+
+
+async def _pump(
+    stream: FilteredStream, producer: _Producer, counts: Counter[str], max_tweets: int | None
+) -> None:
+    from producers.tweets import tweet_from_stream_line
+    from schemas.records import now_ms
+
+    recent: OrderedDict[str, None] = OrderedDict()
+    async with contextlib.aclosing(stream.stream_lines()) as lines:
+        async for item in lines:
+            if isinstance(item, MalformedLine):
+                producer.dead_letter(item.raw, CodecError(item.error))
+                counts["dead_letters"] += 1
+                continue
+            try:
+                tweet = tweet_from_stream_line(item, source="twitter", ingested_at_ms=now_ms())
+            except CodecError as e:
+                producer.dead_letter(json.dumps(item).encode(), e)
+                counts["dead_letters"] += 1
+                continue
+            if tweet["id"] in recent:
+                counts["duplicates"] += 1
+                continue
+            recent[tweet["id"]] = None
+            if len(recent) > RECENT_IDS:
+                recent.popitem(last=False)
+            producer.send(tweet)
+            counts["tweets"] += 1
+            if max_tweets is not None and counts["tweets"] >= max_tweets:
+                return
+
+
+class _Producer:
+    """The idempotent TweetProducer, plus dead letters through the same producer."""
+
+    def __init__(self, settings: Settings) -> None:
+        from producers.kafka import TweetProducer
+
+        self.tweets = TweetProducer(settings)
+        self.deadletter_topic = settings.topic("deadletter")
+
+    def send(self, tweet: dict[str, Any]) -> None:
+        self.tweets.send(tweet)
+
+    def dead_letter(self, raw: bytes, error: BaseException) -> None:
+        from schemas.records import dead_letter
+
+        record = dead_letter(
+            source_topic="x-api-stream",
+            source_partition=-1,
+            source_offset=-1,
+            stage="x_stream",
+            error=error,
+            payload=raw,
+        )
+        value = self.tweets.codec.encode("DeadLetter", record, topic=self.deadletter_topic)
+        kafka = self.tweets.producer
+        while True:
+            try:
+                kafka.produce(
+                    self.deadletter_topic,
+                    value=value,
+                    on_delivery=self.tweets.deliveries.delivery_report,
+                )
+                break
+            except BufferError:
+                kafka.poll(0.1)
+        kafka.poll(0)
+
+    def flush(self) -> None:
+        self.tweets.flush()
