@@ -30,6 +30,7 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/tagstream bench
+	$(VENV)/bin/tagstream bench --models
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

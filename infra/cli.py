@@ -160,6 +160,11 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.models:
+        from models.bench import model_table, print_model_table
+
+        print_model_table(model_table(input_size=args.input_size, fraction=args.prune_fraction))
+        return 0
     from infra.bench import run_bench
 
     return run_bench(get_settings(), images=args.images)
@@ -241,6 +246,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
+    bench.add_argument(
+        "--models",
+        action="store_true",
+        help="dense/pruned x FP32/INT8 throughput table instead of the pipeline figures",
+    )
+    bench.add_argument("--input-size", type=int, default=224, help="for --models (default: 224)")
+    bench.add_argument(
+        "--prune-fraction",
+        type=float,
+        default=0.5,
+        help="share of prunable channels removed, for --models (default: 0.5)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
