@@ -170,6 +170,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(get_settings(), images=args.images)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import main as train_main
+
+    train_main(args)
+    return 0
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tagstream", description="Real-time hashtag suggestions for tweet images."
@@ -244,6 +251,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo-model", help="train (once) and show the demo model").set_defaults(
         func=cmd_demo_model
     )
+    from models.args import get_args_parser as model_args
+
+    commands.add_parser(
+        "train", parents=[model_args(add_help=False)], help="fine-tune ResNet50 on an ImageFolder"
+    ).set_defaults(func=cmd_train)
+
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
     bench.add_argument(

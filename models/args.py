@@ -1,0 +1,83 @@
+"""One argument parser for the model commands (train, export), as in torchvision's references.
+
+Kept free of torch imports so that `tagstream --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="tagstream model training and export", add_help=add_help
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="ImageFolder root: class folders, or "
+        "train/ val/ test/ each holding class folders (default: none)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="runs/train",
+        help="where checkpoints, metrics and plots go (default: runs/train)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="none",
+        help="imagenet, PATH of a state dict, or none for random initialization (default: none)",
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=224, help="model input edge (default: 224)"
+    )
+    parser.add_argument(
+        "--resize-size",
+        type=int,
+        default=None,
+        help="shorter side before the centre crop at eval (default: input size)",
+    )
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    parser.add_argument(
+        "--opt",
+        choices=["sgd", "adamw"],
+        default="sgd",
+        help="optimizer (default: sgd, as the seed)",
+    )
+    parser.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default: 0.01)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="(default: 0.0)")
+    parser.add_argument(
+        "--val-split",
+        type=float,
+        default=0.15,
+        help="share held out for validation when DATA has no val/ (default: 0.15)",
+    )
+    parser.add_argument(
+        "--test-split",
+        type=float,
+        default=0.15,
+        help="share held out for test when DATA has no test/ (default: 0.15)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="split and init seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader workers (default: 0)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: none)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # export
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to export (export only)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="exported precision (export only; default: fp32)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=256,
+        help="training images that calibrate INT8 (default: 256)",
+    )
+    return parser

@@ -1,0 +1,77 @@
+"""ImageFolder data for training: given splits, or stratified splits made with a fixed seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.datasets import ImageFolder
+
+from infra.exceptions import ConfigurationError
+
+
+@dataclass
+class Splits:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    classes: list[str]
+    calibration: torch.utils.data.Dataset  # training images with the eval transform
+
+
+def stratified_indices(
+    targets: list[int], *, val_split: float, test_split: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Per class, a seeded shuffle cut into train / val / test (each class in every split)."""
+    rng = np.random.default_rng(seed)
+    train, val, test = [], [], []
+    labels = np.asarray(targets)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label)).tolist()
+        n_val = max(1, round(len(members) * val_split))
+        n_test = max(1, round(len(members) * test_split))
+        val += members[:n_val]
+        test += members[n_val : n_val + n_test]
+        train += members[n_val + n_test :]
+    return sorted(train), sorted(val), sorted(test)
+
+
+def load_splits(
+    root: str | Path,
+    *,
+    train_transform,
+    eval_transform,
+    val_split: float,
+    test_split: float,
+    seed: int,
+) -> Splits:
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigurationError(f"--data {root} is not a folder")
+    if (root / "train").is_dir():
+        train = ImageFolder(root / "train", transform=train_transform)
+        val_root = root / "val" if (root / "val").is_dir() else None
+        test_root = root / "test" if (root / "test").is_dir() else None
+        if val_root is None or test_root is None:
+            raise ConfigurationError(f"{root} has train/ but not both val/ and test/")
+        val = ImageFolder(val_root, transform=eval_transform)
+        test = ImageFolder(test_root, transform=eval_transform)
+        if not (train.classes == val.classes == test.classes):
+            raise ConfigurationError(f"train/, val/ and test/ of {root} name different classes")
+        calibration = ImageFolder(root / "train", transform=eval_transform)
+        return Splits(train, val, test, list(train.classes), calibration)
+    for_train = ImageFolder(root, transform=train_transform)
+    for_eval = ImageFolder(root, transform=eval_transform)
+    train_idx, val_idx, test_idx = stratified_indices(
+        for_train.targets, val_split=val_split, test_split=test_split, seed=seed
+    )
+    subset = torch.utils.data.Subset
+    return Splits(
+        subset(for_train, train_idx),
+        subset(for_eval, val_idx),
+        subset(for_eval, test_idx),
+        list(for_train.classes),
+        subset(for_eval, train_idx),
+    )
