@@ -31,13 +31,16 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from pydantic import SecretStr
 
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.settings import Settings
+
+if TYPE_CHECKING:
+    from producers.archive import StreamArchive
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +475,7 @@ async def run_twitter_producer(
     stop: asyncio.Event | None,
     max_tweets: int | None = None,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    archive: StreamArchive | None = None,
 ) -> Counter[str]:
     """Sync the stream's rules, then produce its tweets to `tweets` until `stop`.
 
@@ -481,7 +485,9 @@ async def run_twitter_producer(
     not JSON, or not a tweet (`CodecError`), becomes a DeadLetter (stage ``x_stream``)
     holding its bytes. At-least-once from the stream's point of view: see the module
     docstring. Everything produced is flushed before returning, also on `stop`. `sleep`
-    is the back-off sleep (tests inject one that does not wait).
+    is the back-off sleep (tests inject one that does not wait). With `archive`, every
+    line read (malformed ones included, duplicates too) is archived as received, before
+    it is produced; the caller closes the archive.
     """
     if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
         raise ConfigurationError("TAGSTREAM_X_BEARER_TOKEN is not set: the X API needs it")
@@ -500,7 +506,7 @@ async def run_twitter_producer(
             return counts
         producer = _Producer(settings)
         try:
-            pump = asyncio.create_task(_pump(stream, producer, counts, max_tweets))
+            pump = asyncio.create_task(_pump(stream, producer, counts, max_tweets, archive))
             waits: set[asyncio.Task] = {pump}
             if stop is not None:
                 waits.add(asyncio.create_task(stop.wait()))
@@ -521,7 +527,11 @@ async def run_twitter_producer(
 
 
 async def _pump(
-    stream: FilteredStream, producer: _Producer, counts: Counter[str], max_tweets: int | None
+    stream: FilteredStream,
+    producer: _Producer,
+    counts: Counter[str],
+    max_tweets: int | None,
+    archive: StreamArchive | None = None,
 ) -> None:
     from producers.tweets import tweet_from_stream_line
     from schemas.records import now_ms
@@ -529,6 +539,9 @@ async def _pump(
     recent: OrderedDict[str, None] = OrderedDict()
     async with contextlib.aclosing(stream.stream_lines()) as lines:
         async for item in lines:
+            if archive is not None:
+                archive.write(item.raw if isinstance(item, MalformedLine) else item)
+                counts["archived"] += 1
             if isinstance(item, MalformedLine):
                 producer.dead_letter(item.raw, CodecError(item.error))
                 counts["dead_letters"] += 1
