@@ -101,13 +101,23 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        return await run_twitter_producer(
-            settings,
-            rules=args.rules,
-            dry_run=args.dry_run,
-            stop=stop,
-            max_tweets=args.max_tweets,
-        )
+        archive = None
+        if args.archive is not None and not args.dry_run:
+            from producers.archive import StreamArchive
+
+            archive = StreamArchive(args.archive)
+        try:
+            return await run_twitter_producer(
+                settings,
+                rules=args.rules,
+                dry_run=args.dry_run,
+                stop=stop,
+                max_tweets=args.max_tweets,
+                archive=archive,
+            )
+        finally:
+            if archive is not None:
+                archive.close()
 
     try:
         counts = asyncio.run(run())
@@ -116,6 +126,31 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
         return 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
+    return 0
+
+
+def cmd_produce_replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from infra.exceptions import TagstreamError
+    from producers.replay import parse_bound, replay
+
+    settings = get_settings()
+    try:
+        counts = replay(
+            settings,
+            archive=Path(args.archive) if args.archive is not None else None,
+            topic=args.topic,
+            start=parse_bound(args.start) if args.start is not None else None,
+            stop=parse_bound(args.stop) if args.stop is not None else None,
+            speed=args.speed,
+            run_id=args.run_id,
+        )
+    except (TagstreamError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    print(f"replay {counts.run_id}: {summary}", flush=True)
     return 0
 
 
@@ -174,6 +209,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.train import main as train_main
 
     train_main(args)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import main as export_main
+
+    export_main(args)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from models.prune_run import main as prune_main
+
+    prune_main(args)
     return 0
 
 
@@ -237,7 +286,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     twitter.add_argument(
         "--max-tweets", type=int, default=None, help="stop after this many tweets (default: none)"
     )
+    twitter.add_argument(
+        "--archive",
+        default=None,
+        metavar="DIR",
+        help="also archive every raw stream line, timed, to rotating gzip files in DIR",
+    )
     twitter.set_defaults(func=cmd_produce_twitter)
+    replay = sources.add_parser(
+        "replay", help="re-produce an archive or a topic of tweets, keeping their timing"
+    )
+    replay_source = replay.add_mutually_exclusive_group(required=True)
+    replay_source.add_argument(
+        "--archive", default=None, help="an archive file or folder (or JSON lines)"
+    )
+    replay_source.add_argument("--topic", default=None, help="a topic of Tweet records")
+    replay.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="first offset (line index, or offset in each partition) or ISO time, inclusive",
+    )
+    replay.add_argument(
+        "--to", dest="stop", default=None, help="last offset or ISO time, exclusive"
+    )
+    replay.add_argument(
+        "--speed", default="1x", help="'1x', '10x', ... or 'max' (no waiting; default: 1x)"
+    )
+    replay.add_argument("--run-id", default=None, help="replay_run_id (default: a new uuid)")
+    replay.set_defaults(func=cmd_produce_replay)
 
     infer = commands.add_parser("infer", help="run an inference consumer")
     infer.add_argument(
@@ -256,6 +333,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", parents=[model_args(add_help=False)], help="fine-tune ResNet50 on an ImageFolder"
     ).set_defaults(func=cmd_train)
+    commands.add_parser(
+        "export",
+        parents=[model_args(add_help=False)],
+        help="export a checkpoint to ONNX (fp32, fp16, int8) with its manifest",
+    ).set_defaults(func=cmd_export)
+    commands.add_parser(
+        "prune",
+        parents=[model_args(add_help=False)],
+        help="iterative APoZ pruning with fine-tuning, and its report",
+    ).set_defaults(func=cmd_prune)
 
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")

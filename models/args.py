@@ -80,4 +80,38 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=256,
         help="training images that calibrate INT8 (default: 256)",
     )
+    # prune
+    parser.add_argument("--rounds", type=int, default=1, help="pruning rounds (default: 1)")
+    parser.add_argument(
+        "--prune-rule",
+        choices=["mean+std", "top-fraction"],
+        default="mean+std",
+        help="which channels go (default: mean+std, as the seed)",
+    )
+    parser.add_argument(
+        "--prune-k", type=float, default=1.0, help="mean+k*std threshold on APoZ (default: 1.0)"
+    )
+    parser.add_argument(
+        "--prune-fraction",
+        type=float,
+        default=0.1,
+        help="share removed per round with top-fraction (default: 0.1)",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=1,
+        help="fine-tune epochs after each round (default: 1)",
+    )
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="fine-tune distilled from the unpruned model (default: off)",
+    )
+    parser.add_argument(
+        "--bench-input-size",
+        type=int,
+        default=None,
+        help="input edge for MACs and throughput (default: the model's)",
+    )
     return parser

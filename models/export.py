@@ -65,3 +65,98 @@ def check_against_pytorch(model: torch.nn.Module, path: Path, batch: np.ndarray)
     agreement = float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean())
     diff = float(np.abs(onnx_logits - torch_logits).max())
     return ExportCheck(agreement, diff, len(batch))
+
+
+def main(args) -> dict:
+    """`tagstream export`: a checkpoint to ONNX (fp32, fp16 or int8) with its manifest.
+
+    The checkpoint's own arguments give the data, input size and classes; thresholds
+    are calibrated on the validation split and INT8 on training images, both through
+    the serving preset.
+    """
+    import dataclasses
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from infra.exceptions import ConfigurationError
+    from models.data import load_splits
+    from models.manifest import Manifest, file_sha256
+    from models.presets import ServingPreset
+    from models.quantize import make_variant
+    from models.resnet import build_resnet50
+    from models.thresholds import calibrate_thresholds
+    from models.train import predict
+
+    if not args.checkpoint:
+        raise ConfigurationError("--checkpoint is required")
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    trained = checkpoint["args"]
+    classes = checkpoint["classes"]
+    data = args.data or trained["data"]
+    input_size = trained["input_size"]
+    serving = ServingPreset(input_size=input_size, resize_size=trained.get("resize_size"))
+    if "widths" in checkpoint:
+        from models.prune import build_pruned_resnet50
+
+        model = build_pruned_resnet50(len(classes), checkpoint["widths"])
+    else:
+        model = build_resnet50(len(classes))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    splits = load_splits(
+        data,
+        train_transform=lambda image: torch.from_numpy(serving(image)),
+        eval_transform=lambda image: torch.from_numpy(serving(image)),
+        val_split=trained["val_split"],
+        test_split=trained["test_split"],
+        seed=trained["seed"],
+    )
+    if splits.classes != classes:
+        raise ConfigurationError(f"{data} has classes {splits.classes}, the checkpoint {classes}")
+    val_loader = torch.utils.data.DataLoader(splits.val, batch_size=64)
+    probabilities, labels = predict(model, val_loader)
+
+    out = Path(args.output_dir)
+    fp32_dir = out if args.precision == "fp32" else out.with_name(out.name + "-fp32")
+    fp32_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(model, fp32_dir / "model.onnx", input_size=input_size)
+    batch = np.stack([splits.val[i][0].numpy() for i in range(min(64, len(splits.val)))])
+    check = check_against_pytorch(model, onnx_path, batch)
+    print(check, flush=True)
+    parent = Path(args.checkpoint).resolve()
+    manifest = Manifest(
+        model_id=trained.get("model_id", "resnet50"),
+        version=f"{parent.parent.name}-e{checkpoint['epoch']}",
+        classes=classes,
+        thresholds=calibrate_thresholds(probabilities, labels, classes),
+        input_size=input_size,
+        resize_size=serving.resize_size,
+        mean=serving.mean.ravel().tolist(),
+        std=serving.std.ravel().tolist(),
+        file="model.onnx",
+        sha256=file_sha256(onnx_path),
+        precision="fp32",
+        parent=str(parent),
+        no_hashtag_classes=[c for c in classes if c == "others"],
+        metrics={
+            "val_accuracy": float((probabilities.argmax(1) == labels).mean()),
+            "onnx_argmax_agreement": check.argmax_agreement,
+            "onnx_max_abs_diff": check.max_abs_diff,
+        },
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    manifest.save(fp32_dir)
+    if args.precision != "fp32":
+        calibration = []
+        if args.precision == "int8":
+            count = min(args.calibration_images, len(splits.calibration))
+            images = np.stack([splits.calibration[i][0].numpy() for i in range(count)])
+            calibration = list(np.array_split(images, max(1, count // 32)))
+        if out.exists():
+            shutil.rmtree(out)
+        manifest = make_variant(fp32_dir, out, args.precision, calibration=calibration)
+    summary = {"output": str(out), "manifest": dataclasses.asdict(manifest), "check": str(check)}
+    print(json.dumps({"output": str(out), "precision": manifest.precision}), flush=True)
+    return summary

@@ -74,3 +74,97 @@ def test_missing_imagenet_weights_is_a_clear_error(digits, tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     with pytest.raises(ModelError, match="cannot be downloaded here"):
         train_main(train_args(digits, tmp_path / "run", "--epochs", "1", "--weights", "imagenet"))
+
+
+def export_args(checkpoint, out, precision: str):
+    argv = [
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--output-dir",
+        str(out),
+        "--precision",
+        precision,
+        "--calibration-images",
+        "128",
+    ]
+    return get_args_parser().parse_args(argv)
+
+
+def test_export_fp32_and_int8_agree(trained, digits, tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from models.data import load_splits
+    from models.export import main as export_main
+    from models.manifest import Manifest
+    from models.runtime import OnnxClassifier
+
+    out, _ = trained
+    best = out / "model_best.pt"
+    fp32 = export_main(export_args(best, tmp_path / "fp32", "fp32"))
+    assert "argmax agreement 1.0000" in fp32["check"]
+    export_main(export_args(best, tmp_path / "int8", "int8"))
+    manifest = Manifest.load(tmp_path / "int8")
+    assert manifest.precision == "int8" and manifest.classes == [f"digit{i}" for i in range(10)]
+    assert set(manifest.thresholds) == set(manifest.classes)
+    dense, quantized = OnnxClassifier(tmp_path / "fp32"), OnnxClassifier(tmp_path / "int8")
+    splits = load_splits(
+        digits,
+        train_transform=None,
+        eval_transform=lambda image: torch.from_numpy(dense.preset(image)),
+        val_split=0.15,
+        test_split=0.15,
+        seed=0,
+    )
+    test = np.stack([splits.test[i][0].numpy() for i in range(len(splits.test))])
+    labels = np.array([splits.test[i][1] for i in range(len(splits.test))])
+    p32 = dense.probabilities(test).argmax(1)
+    p8 = quantized.probabilities(test).argmax(1)
+    agreement = float((p32 == p8).mean())
+    print(
+        f"\ndigits INT8 vs FP32 agreement {agreement:.4f};"
+        f" accuracy fp32 {(p32 == labels).mean():.4f}"
+        f" int8 {(p8 == labels).mean():.4f}"
+    )
+    assert agreement >= 0.97
+
+
+def test_prune_rounds_shrink_and_report(trained, tmp_path) -> None:
+    from models.prune import build_pruned_resnet50
+    from models.prune_run import main as prune_main
+
+    out, _ = trained
+    argv = [
+        "prune",
+        "--checkpoint",
+        str(out / "model_best.pt"),
+        "--output-dir",
+        str(tmp_path),
+        "--rounds",
+        "1",
+        "--prune-rule",
+        "top-fraction",
+        "--prune-fraction",
+        "0.3",
+        "--finetune-epochs",
+        "1",
+        "--distill",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.005",
+    ]
+    result = prune_main(get_args_parser().parse_args(argv))
+    base, pruned = result["rows"]
+    assert pruned["params"] < base["params"] and pruned["macs"] < base["macs"]
+    assert pruned["onnx_bytes"] < base["onnx_bytes"] and 0.25 < pruned["sparsity"] < 0.35
+    assert pruned["acc_after_finetune"] >= 0.5  # fine-tuning keeps it far above chance
+    report = (tmp_path / "prune_report.md").read_text()
+    assert "| 1 |" in report and "acc. after fine-tune" in report
+    import torch
+
+    saved = torch.load(tmp_path / "pruned_round1.pt", map_location="cpu", weights_only=False)
+    rebuilt = build_pruned_resnet50(10, saved["widths"])
+    rebuilt.load_state_dict(saved["model"])
+    print("\n" + report)
