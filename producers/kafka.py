@@ -24,6 +24,7 @@ class TweetProducer:
         from confluent_kafka import Producer
 
         self.topic = settings.topic("tweets")
+        self.deadletter_topic = settings.topic("deadletter")
         self.codec = Codec.from_settings(settings)
         self.deliveries = DeliveryTracker()
         self.producer = Producer(producer_config(settings))
@@ -37,6 +38,38 @@ class TweetProducer:
             self.producer,
             self.topic,
             key=key,
+            value=value,
+            on_delivery=self.deliveries.delivery_report,
+        )
+
+    def dead_letter(
+        self,
+        raw: bytes,
+        error: BaseException,
+        *,
+        stage: str,
+        source: tuple[str, int, int] = ("", -1, -1),
+    ) -> None:
+        """A DeadLetter for input that never became a Tweet, through this same producer.
+
+        `source` is (topic, partition, offset) where the input came from; -1 when unknown.
+        """
+        from schemas.records import dead_letter
+
+        source_topic, partition, offset = source
+        record = dead_letter(
+            source_topic=source_topic,
+            source_partition=partition,
+            source_offset=offset,
+            stage=stage,
+            error=error,
+            payload=raw,
+        )
+        value = self.codec.encode("DeadLetter", record, topic=self.deadletter_topic)
+        produce(
+            self.producer,
+            self.deadletter_topic,
+            key=None,
             value=value,
             on_delivery=self.deliveries.delivery_report,
         )

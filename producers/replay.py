@@ -38,6 +38,7 @@ from typing import Any
 
 from infra.exceptions import BrokerError, CodecError, ConfigurationError
 from infra.settings import Settings
+from producers.kafka import TweetProducer
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def replay(
         if archive is not None
         else _topic_items(settings, str(topic), start, stop)
     )
-    sender = _Sender(settings)
+    sender = TweetProducer(settings)
     try:
         _run(items, sender, counts, factor=factor, clock=clock, sleep=sleep)
     finally:
@@ -288,7 +289,7 @@ def replay(
 
 def _run(
     items: Iterable[_Item],
-    sender: _Sender,
+    sender: TweetProducer,
     counts: ReplayCounts,
     *,
     factor: float | None,
@@ -316,56 +317,24 @@ def _run(
                     item.line, source="replay", ingested_at_ms=now_ms(), replay_run_id=counts.run_id
                 )
             except CodecError as e:
-                sender.dead_letter(json.dumps(item.line).encode(), e, item.where)
+                sender.dead_letter(
+                    json.dumps(item.line).encode(), e, stage="replay", source=item.where
+                )
                 counts["dead_letters"] += 1
                 continue
         if tweet is None:
-            sender.dead_letter(item.raw or b"", CodecError(item.error), item.where)
+            sender.dead_letter(
+                item.raw or b"", CodecError(item.error), stage="replay", source=item.where
+            )
             counts["dead_letters"] += 1
             continue
         tweet = dict(tweet, source="replay", ingested_at_ms=now_ms(), replay_run_id=counts.run_id)
         try:
             sender.send(tweet)
         except CodecError as e:
-            sender.dead_letter(json.dumps(tweet, default=str).encode(), e, item.where)
+            sender.dead_letter(
+                json.dumps(tweet, default=str).encode(), e, stage="replay", source=item.where
+            )
             counts["dead_letters"] += 1
             continue
         counts["tweets"] += 1
-
-
-class _Sender:
-    """The idempotent TweetProducer, plus replay dead letters through the same producer."""
-
-    def __init__(self, settings: Settings) -> None:
-        from producers.kafka import TweetProducer
-
-        self.tweets = TweetProducer(settings)
-        self.deadletter_topic = settings.topic("deadletter")
-
-    def send(self, tweet: dict[str, Any]) -> None:
-        self.tweets.send(tweet)
-
-    def dead_letter(self, raw: bytes, error: BaseException, where: tuple[str, int, int]) -> None:
-        from infra.kafka import produce
-        from schemas.records import dead_letter
-
-        source_topic, partition, offset = where
-        record = dead_letter(
-            source_topic=source_topic,
-            source_partition=partition,
-            source_offset=offset,
-            stage="replay",
-            error=error,
-            payload=raw,
-        )
-        value = self.tweets.codec.encode("DeadLetter", record, topic=self.deadletter_topic)
-        produce(
-            self.tweets.producer,
-            self.deadletter_topic,
-            key=None,
-            value=value,
-            on_delivery=self.tweets.deliveries.delivery_report,
-        )
-
-    def flush(self) -> None:
-        self.tweets.flush()

@@ -38,6 +38,10 @@ from pydantic import SecretStr
 
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.settings import Settings
+from producers.kafka import TweetProducer
+
+#: Where stream lines come from, for their dead letters (no topic, partition or offset).
+X_STREAM_SOURCE = ("x-api-stream", -1, -1)
 
 if TYPE_CHECKING:
     from producers.archive import StreamArchive
@@ -504,7 +508,7 @@ async def run_twitter_producer(
         )
         if dry_run:
             return counts
-        producer = _Producer(settings)
+        producer = TweetProducer(settings)
         try:
             pump = asyncio.create_task(_pump(stream, producer, counts, max_tweets, archive))
             waits: set[asyncio.Task] = {pump}
@@ -528,7 +532,7 @@ async def run_twitter_producer(
 
 async def _pump(
     stream: FilteredStream,
-    producer: _Producer,
+    producer: TweetProducer,
     counts: Counter[str],
     max_tweets: int | None,
     archive: StreamArchive | None = None,
@@ -543,13 +547,17 @@ async def _pump(
                 archive.write(item.raw if isinstance(item, MalformedLine) else item)
                 counts["archived"] += 1
             if isinstance(item, MalformedLine):
-                producer.dead_letter(item.raw, CodecError(item.error))
+                producer.dead_letter(
+                    item.raw, CodecError(item.error), stage="x_stream", source=X_STREAM_SOURCE
+                )
                 counts["dead_letters"] += 1
                 continue
             try:
                 tweet = tweet_from_stream_line(item, source="twitter", ingested_at_ms=now_ms())
             except CodecError as e:
-                producer.dead_letter(json.dumps(item).encode(), e)
+                producer.dead_letter(
+                    json.dumps(item).encode(), e, stage="x_stream", source=X_STREAM_SOURCE
+                )
                 counts["dead_letters"] += 1
                 continue
             if tweet["id"] in recent:
@@ -562,44 +570,3 @@ async def _pump(
             counts["tweets"] += 1
             if max_tweets is not None and counts["tweets"] >= max_tweets:
                 return
-
-
-class _Producer:
-    """The idempotent TweetProducer, plus dead letters through the same producer."""
-
-    def __init__(self, settings: Settings) -> None:
-        from producers.kafka import TweetProducer
-
-        self.tweets = TweetProducer(settings)
-        self.deadletter_topic = settings.topic("deadletter")
-
-    def send(self, tweet: dict[str, Any]) -> None:
-        self.tweets.send(tweet)
-
-    def dead_letter(self, raw: bytes, error: BaseException) -> None:
-        from schemas.records import dead_letter
-
-        record = dead_letter(
-            source_topic="x-api-stream",
-            source_partition=-1,
-            source_offset=-1,
-            stage="x_stream",
-            error=error,
-            payload=raw,
-        )
-        value = self.tweets.codec.encode("DeadLetter", record, topic=self.deadletter_topic)
-        kafka = self.tweets.producer
-        while True:
-            try:
-                kafka.produce(
-                    self.deadletter_topic,
-                    value=value,
-                    on_delivery=self.tweets.deliveries.delivery_report,
-                )
-                break
-            except BufferError:
-                kafka.poll(0.1)
-        kafka.poll(0)
-
-    def flush(self) -> None:
-        self.tweets.flush()

@@ -130,8 +130,11 @@ class RecordingSender:
     def send(self, tweet: dict[str, Any]) -> None:
         self.sent.append(tweet)
 
-    def dead_letter(self, raw: bytes, error: BaseException, where: tuple[str, int, int]) -> None:
-        self.letters.append((raw, str(error), where))
+    def dead_letter(
+        self, raw: bytes, error: BaseException, *, stage: str, source: tuple[str, int, int]
+    ) -> None:
+        assert stage == "replay"
+        self.letters.append((raw, str(error), source))
 
 
 class SimClock:
