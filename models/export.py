@@ -81,40 +81,18 @@ def main(args) -> dict:
     from pathlib import Path
 
     from infra.exceptions import ConfigurationError
-    from models.data import load_splits
+    from models.checkpoint import load_trained
     from models.manifest import Manifest, file_sha256
-    from models.presets import ServingPreset
     from models.quantize import make_variant
-    from models.resnet import build_resnet50
     from models.thresholds import calibrate_thresholds
     from models.train import predict
 
     if not args.checkpoint:
         raise ConfigurationError("--checkpoint is required")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    trained = checkpoint["args"]
-    classes = checkpoint["classes"]
-    data = args.data or trained["data"]
+    loaded = load_trained(args.checkpoint, data=args.data)
+    checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes
+    model, serving, splits = loaded.model, loaded.serving, loaded.splits
     input_size = trained["input_size"]
-    serving = ServingPreset(input_size=input_size, resize_size=trained.get("resize_size"))
-    if "widths" in checkpoint:
-        from models.prune import build_pruned_resnet50
-
-        model = build_pruned_resnet50(len(classes), checkpoint["widths"])
-    else:
-        model = build_resnet50(len(classes))
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    splits = load_splits(
-        data,
-        train_transform=lambda image: torch.from_numpy(serving(image)),
-        eval_transform=lambda image: torch.from_numpy(serving(image)),
-        val_split=trained["val_split"],
-        test_split=trained["test_split"],
-        seed=trained["seed"],
-    )
-    if splits.classes != classes:
-        raise ConfigurationError(f"{data} has classes {splits.classes}, the checkpoint {classes}")
     val_loader = torch.utils.data.DataLoader(splits.val, batch_size=64)
     probabilities, labels = predict(model, val_loader)
 

@@ -80,10 +80,8 @@ def onnx_throughput(
 
 
 def main(args) -> dict:
-    from models.data import load_splits
-    from models.presets import ServingPreset, TrainPreset
+    from models.checkpoint import load_trained
     from models.prune import (
-        build_pruned_resnet50,
         channel_sparsity,
         count_flops,
         count_params,
@@ -95,23 +93,9 @@ def main(args) -> dict:
 
     if not args.checkpoint:
         raise ConfigurationError("--checkpoint is required")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    trained, classes = checkpoint["args"], checkpoint["classes"]
-    input_size = trained["input_size"]
-    serving = ServingPreset(input_size=input_size, resize_size=trained.get("resize_size"))
-    splits = load_splits(
-        args.data or trained["data"],
-        train_transform=TrainPreset(input_size=input_size),
-        eval_transform=lambda image: torch.from_numpy(serving(image)),
-        val_split=trained["val_split"],
-        test_split=trained["test_split"],
-        seed=trained["seed"],
-    )
-    if "widths" in checkpoint:
-        model = build_pruned_resnet50(len(classes), checkpoint["widths"])
-    else:
-        model = build_resnet50(len(classes))
-    model.load_state_dict(checkpoint["model"])
+    loaded = load_trained(args.checkpoint, data=args.data, augment=True)
+    checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes
+    model, splits, input_size = loaded.model, loaded.splits, trained["input_size"]
     teacher = copy.deepcopy(model).eval() if args.distill else None
     loader = torch.utils.data.DataLoader
     generator = torch.Generator().manual_seed(trained["seed"])
