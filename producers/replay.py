@@ -9,11 +9,20 @@ and decoded. Either way each tweet is produced to
 the run's ``replay_run_id``, keyed by tweet id; what is not a tweet goes to `deadletter`
 with stage ``replay``.
 
+Bounds: `start` inclusive, `stop` exclusive; an offset (archive line index, or offset in
+each partition) or a time. A time bound selects by the archive's receive time, or by a
+topic record's timestamp (every record has one, Tweet or not): records before the start
+are skipped, and the first at or after the stop ends its partition. For a topic the time
+bounds are checked on the records as they are read; ``offsets_for_times`` only picks
+where to start reading, because tansu ignores its time and answers the earliest offset.
+
 Timing: record *i* is sent ``(t_i - t_0) / speed`` after the first, by an absolute
 schedule (a late send does not delay the ones after it); ``max`` never waits. Times are
 the archive's receive times, or for a topic the Tweet's ``ingested_at_ms`` (the record's
 timestamp when that is missing). A topic's partitions are merged by that time, each kept
-in offset order, so the order per key is kept. A topic range is read into memory first.
+in offset order, so the order per key is kept. The merge streams: each partition is read
+ahead at most about `READ_AHEAD` records (its fetching paused beyond that), so a topic
+range of any size replays in bounded memory.
 
 Delivery guarantee: at-least-once per run. The producer is idempotent, so its retries
 never duplicate, and everything is flushed before `replay` returns (it raises if a
@@ -29,9 +38,9 @@ import logging
 import re
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +57,9 @@ Bound = int | datetime
 
 #: Seconds without any message before a topic read gives up on reaching its end.
 READ_IDLE_TIMEOUT_S = 10.0
+
+#: Records a topic replay reads ahead per partition before pausing its fetching.
+READ_AHEAD = 1000
 
 
 class ReplayCounts(Counter[str]):
@@ -105,7 +117,9 @@ class _Item:
     where: tuple[str, int, int] = ("", -1, -1)  # source topic, partition, offset
 
 
-def _archive_items(path: Path, start: Bound | None, stop: Bound | None) -> Iterator[_Item]:
+def _archive_items(
+    path: Path, start: Bound | None, stop: Bound | None
+) -> Generator[_Item, None, None]:
     from producers.archive import read_archive
 
     source = f"archive:{path}"
@@ -126,15 +140,75 @@ def _archive_items(path: Path, start: Bound | None, stop: Bound | None) -> Itera
             yield _Item(t_ms, line=line, where=where)
 
 
+@dataclass
+class _Partition:
+    """The read of one partition of a topic replay: its bounds and what is read ahead."""
+
+    next: int  # the next offset wanted; anything below is a re-fetch, dropped
+    end: int | None  # exclusive offset bound; None = the end of the partition
+    started: bool  # reached the start time (always, without one)
+    buffer: deque[_Item] = field(default_factory=deque)
+    last_t: float | None = None  # time of the latest item, for one without a time
+    paused: bool = False
+    done: bool = False
+
+
+def _topic_ranges(
+    consumer: Any, topic: str, start: Bound | None, stop: Bound | None
+) -> dict[int, _Partition]:
+    """Where to read each partition of `topic` (those with something to read)."""
+    from confluent_kafka import TopicPartition
+
+    metadata = consumer.list_topics(topic, timeout=10)
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None or not info.partitions:
+        raise ConfigurationError(f"topic {topic!r} does not exist")
+    seek: dict[int, int] = {}
+    if isinstance(start, datetime):
+        asked = [TopicPartition(topic, p, int(_ms(start))) for p in sorted(info.partitions)]
+        # -1: no record at or after the time. An error: read from the low watermark.
+        seek = {
+            tp.partition: tp.offset
+            for tp in consumer.offsets_for_times(asked, 10)
+            if tp.error is None
+        }
+    parts: dict[int, _Partition] = {}
+    for p in sorted(info.partitions):
+        low, _ = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        first = max(low, 0)
+        if isinstance(start, int):
+            first = max(first, start)
+        elif p in seek:
+            if seek[p] < 0:
+                continue
+            first = max(first, seek[p])
+        end = stop if isinstance(stop, int) else None
+        if end is None or first < end:
+            parts[p] = _Partition(next=first, end=end, started=not isinstance(start, datetime))
+    return parts
+
+
 def _topic_items(
     settings: Settings, topic: str, start: Bound | None, stop: Bound | None
-) -> Iterator[_Item]:
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
+) -> Generator[_Item, None, None]:
+    """The records of `topic` between the bounds, merged over its partitions by time.
+
+    Streams: a partition is read ahead at most about `READ_AHEAD` records (its fetching
+    is paused beyond that), and an item is yielded once every partition that has not
+    reached its end has one buffered, so the merge never waits on an unread record.
+    Time bounds are checked on every record's timestamp as it is read (the start is
+    inclusive, the first record at or after the stop ends its partition);
+    ``offsets_for_times`` only picks where reading starts, since a broker may answer it
+    loosely (tansu answers the earliest offset for any time).
+    """
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
     from infra.kafka import client_config
     from schemas.codec import Codec
 
     codec = Codec.from_settings(settings)
+    start_ms = _ms(start) if isinstance(start, datetime) else None
+    stop_ms = _ms(stop) if isinstance(stop, datetime) else None
     # No group: assign() reads from given offsets and nothing is ever committed.
     consumer = Consumer(
         client_config(settings)
@@ -152,98 +226,110 @@ def _topic_items(
         }
     )
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            raise ConfigurationError(f"topic {topic!r} not found")
-        partitions = sorted(info.partitions)
-
-        def by_time(bound: datetime) -> dict[int, int]:
-            asked = [TopicPartition(topic, p, int(_ms(bound))) for p in partitions]
-            return {tp.partition: tp.offset for tp in consumer.offsets_for_times(asked, 10)}
-
-        # Per partition: [first, end); end None = up to the end of the partition.
-        ranges: dict[int, tuple[int, int | None]] = {}
-        start_at = by_time(start) if isinstance(start, datetime) else {}
-        stop_at = by_time(stop) if isinstance(stop, datetime) else {}
-        for p in partitions:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            first: int = max(low, 0)
-            end: int | None = None
-            if isinstance(start, int):
-                first = max(first, start)
-            elif isinstance(start, datetime):
-                if start_at.get(p, -1) < 0:
-                    continue  # nothing at or after the start time
-                first = start_at[p]
-            if isinstance(stop, int):
-                end = stop
-            elif stop_at.get(p, -1) >= 0:
-                end = stop_at[p]
-            if end is None or first < end:
-                ranges[p] = (first, end)
-        if not ranges:
+        try:
+            parts = _topic_ranges(consumer, topic, start, stop)
+        except KafkaException as e:
+            raise BrokerError(f"topic {topic!r}: no answer from the broker: {e}") from None
+        if not parts:
             return
-        consumer.assign([TopicPartition(topic, p, first) for p, (first, _) in ranges.items()])
-        got: dict[int, list[_Item]] = {p: [] for p in ranges}
-        left = set(ranges)
-        idle_since = time.monotonic()
-        while left:
-            messages = consumer.consume(500, timeout=0.5)
-            if not messages and time.monotonic() - idle_since > READ_IDLE_TIMEOUT_S:
-                raise BrokerError(
-                    f"topic {topic!r}: partitions {sorted(left)} did not reach their end "
-                    f"within {READ_IDLE_TIMEOUT_S:g} s"
-                )
-            for message in messages:
-                idle_since = time.monotonic()
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        left.discard(message.partition())
+        consumer.assign([TopicPartition(topic, p, part.next) for p, part in parts.items()])
+
+        # heads: (time, partition) of each partition's first buffered item; hungry: the
+        # partitions not at their end with nothing buffered, which the merge waits for.
+        heads: list[tuple[float, int]] = []
+        hungry = set(parts)
+
+        def finish(p: int) -> None:
+            parts[p].done = True
+            hungry.discard(p)
+            consumer.pause([TopicPartition(topic, p)])
+
+        def take(message: Any) -> None:
+            p, offset = message.partition(), message.offset()
+            part = parts.get(p)
+            if part is None or part.done or offset < part.next:
+                return
+            if part.end is not None and offset >= part.end:
+                finish(p)
+                return
+            part.next = offset + 1
+            _, stamp = message.timestamp()
+            stamp_ms = float(stamp) if stamp > 0 else None
+            where = (topic, p, offset)
+            value = message.value() or b""
+            try:
+                tweet = codec.decode("Tweet", value)
+            except CodecError as e:
+                item = _Item(stamp_ms, raw=value, error=str(e), where=where)
+            else:
+                item = _Item(tweet.get("ingested_at_ms") or stamp_ms, tweet=tweet, where=where)
+            # Bounds are on the record's time: every record has one, Tweet or not.
+            bound_ms = stamp_ms if stamp_ms is not None else item.t_ms
+            if start_ms is not None:
+                if bound_ms is None:
+                    if not part.started:
+                        return
+                elif bound_ms < start_ms:
+                    return
+                part.started = True
+            if stop_ms is not None and bound_ms is not None and bound_ms >= stop_ms:
+                finish(p)
+                return
+            # A missing time counts as its predecessor's, so a partition stays in order.
+            if item.t_ms is None:
+                item.t_ms = part.last_t
+            else:
+                part.last_t = item.t_ms
+            if not part.buffer:
+                heapq.heappush(heads, (item.t_ms or 0.0, p))
+                hungry.discard(p)
+            part.buffer.append(item)
+            if part.end is not None and offset + 1 >= part.end:
+                finish(p)
+            elif len(part.buffer) >= READ_AHEAD and not part.paused:
+                consumer.pause([TopicPartition(topic, p)])
+                part.paused = True
+
+        idle_since: float | None = None
+        while True:
+            if hungry:
+                messages = consumer.consume(min(500, READ_AHEAD), timeout=0.5)
+                if not messages:
+                    now = time.monotonic()
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since > READ_IDLE_TIMEOUT_S:
+                        raise BrokerError(
+                            f"topic {topic!r}: partitions {sorted(hungry)} did not reach "
+                            f"their end within {READ_IDLE_TIMEOUT_S:g} s"
+                        )
+                    continue
+                idle_since = None
+                for message in messages:
+                    error = message.error()
+                    if error is None:
+                        take(message)
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        if message.partition() in parts:
+                            finish(message.partition())
                     else:
                         log.warning("replay read %s: %s", topic, error)
-                    continue
-                p, offset = message.partition(), message.offset()
-                end = ranges[p][1]
-                if p not in left or (end is not None and offset >= end):
-                    left.discard(p)
-                    continue
-                where = (topic, p, offset)
-                _, stamp = message.timestamp()
-                value = message.value() or b""
-                try:
-                    tweet = codec.decode("Tweet", value)
-                except CodecError as e:
-                    got[p].append(
-                        _Item(
-                            float(stamp) if stamp > 0 else None,
-                            raw=value,
-                            error=str(e),
-                            where=where,
-                        )
-                    )
-                else:
-                    t_ms = tweet.get("ingested_at_ms") or (float(stamp) if stamp > 0 else None)
-                    got[p].append(_Item(t_ms, tweet=tweet, where=where))
-                if end is not None and offset + 1 >= end:
-                    left.discard(p)
+                continue
+            if not heads:
+                return
+            _, p = heapq.heappop(heads)
+            part = parts[p]
+            item = part.buffer.popleft()
+            if part.buffer:
+                heapq.heappush(heads, (part.buffer[0].t_ms or 0.0, p))
+            elif not part.done:
+                hungry.add(p)
+            if part.paused and not part.done and len(part.buffer) <= READ_AHEAD // 2:
+                consumer.resume([TopicPartition(topic, p)])
+                part.paused = False
+            yield item
     finally:
         consumer.close()
-    last: dict[int, float] = {}
-
-    def key(item: _Item) -> float:
-        # A partition's items stay in offset order whatever their times: heapq.merge keeps
-        # each input's order, and a missing time counts as its predecessor's.
-        return item.t_ms if item.t_ms is not None else 0.0
-
-    for p, items in got.items():
-        for item in items:
-            if item.t_ms is None and p in last:
-                item.t_ms = last[p]
-            if item.t_ms is not None:
-                last[p] = item.t_ms
-    yield from heapq.merge(*got.values(), key=key)
 
 
 def replay(
@@ -263,17 +349,23 @@ def replay(
     Exactly one of `archive` and `topic` (a full topic name, on the settings' cluster).
     `start` (inclusive) and `stop` (exclusive) bound what is replayed: an int is a line
     index of the archive or an offset in every partition of the topic, a datetime a
-    receive time (archive) or record time (topic). `speed` divides the original gaps
-    (``"10x"``), ``"max"`` sends without waiting. `run_id` defaults to a uuid4 hex.
-    `clock` (seconds, monotonic) and `sleep` are injectable for tests. Returns the counts
-    with the run id; everything is flushed before returning.
+    receive time (archive) or record timestamp (topic). A missing archive raises
+    FileNotFoundError, a missing topic ConfigurationError, before anything is sent.
+    `speed` divides the original gaps (``"10x"``), ``"max"`` sends without waiting.
+    `run_id` defaults to a uuid4 hex. `clock` (seconds, monotonic) and `sleep` are
+    injectable for tests. Returns the counts with the run id; everything is flushed
+    before returning.
     """
     if (archive is None) == (topic is None):
         raise ConfigurationError("replay needs exactly one of an archive path or a topic")
     factor = parse_speed(speed)
-    counts = ReplayCounts()
+    counts = ReplayCounts(tweets=0, dead_letters=0)
     counts.run_id = run_id or uuid.uuid4().hex
-    items: Iterable[_Item] = (
+    if archive is not None:
+        from producers.archive import archive_files
+
+        archive_files(Path(archive))  # raises FileNotFoundError before any connection
+    items: Generator[_Item, None, None] = (
         _archive_items(Path(archive), start, stop)
         if archive is not None
         else _topic_items(settings, str(topic), start, stop)
@@ -282,6 +374,7 @@ def replay(
     try:
         _run(items, sender, counts, factor=factor, clock=clock, sleep=sleep)
     finally:
+        items.close()  # a topic read's consumer at once, even when a send failed
         sender.flush()
     log.info("replay %s: %s", counts.run_id, dict(counts))
     return counts

@@ -5,12 +5,19 @@ one malformed line) with receive times spanning ~2 s. At 10x the tweets must arr
 spread over ~0.2 s, each at its original offset / 10 within 50 ms, all with the run id.
 The topic replay then copies an offset range of that `tweets` topic into a second set of
 topics with a new run id.
+
+Then the `produce replay` command in process (summary line, records, time bounds given as
+ISO times, one clear `error:` line for bad input), topic time bounds (start inclusive,
+stop exclusive, by record timestamp; tansu answers `offsets_for_times` with the earliest
+offset for any time, so the bounds must hold on what is read), and the streaming merge's
+bounded read-ahead.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +25,7 @@ import pytest
 
 from producers.archive import StreamArchive
 from producers.replay import replay
-from tests.helpers import KafkaReader
+from tests.helpers import KafkaReader, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -166,3 +173,224 @@ def test_twitter_producer_archives_every_line_as_received(make_settings, tmp_pat
     got = list(read_archive(tmp_path / "x"))
     assert [line for _, line in got] == feed[:2] + [b"{oops"] + feed[2:]
     assert all(t is not None and t > 1e12 for t, _ in got)
+
+
+# The `produce replay` command, in process ---------------------------------------------
+
+
+def run_replay_cli(monkeypatch: pytest.MonkeyPatch, settings, *argv: str) -> int:
+    """`tagstream produce replay ARGV` with `settings` as its environment."""
+    from infra.cli import main
+    from infra.settings import get_settings
+
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        return main(["produce", "replay", *argv])
+    finally:
+        get_settings.cache_clear()
+
+
+def read_topics(settings, *, tweets: int, letters: int = 0) -> tuple[list[dict], list[dict]]:
+    """The Tweets and DeadLetters on `settings`' topics, once at least as many as asked
+    have come, plus whatever else comes within half a second."""
+    reader = KafkaReader(settings, {"tweets": "Tweet", "deadletter": "DeadLetter"})
+    try:
+        reader.read_until(
+            lambda f: len(f["tweets"]) >= tweets and len(f["deadletter"]) >= letters,
+            timeout_s=20,
+        )
+        found = reader.read_until(lambda f: False, timeout_s=0.5)
+    finally:
+        reader.close()
+    return found["tweets"], found["deadletter"]
+
+
+def iso(t_ms: float) -> str:
+    return datetime.fromtimestamp(t_ms / 1000, UTC).isoformat()
+
+
+def test_cli_replays_an_archive_at_max_speed(make_settings, tmp_path, monkeypatch, capsys) -> None:
+    lines = write_archive(tmp_path / "archive")
+    tweets_in = [line for _, line in lines if isinstance(line, dict)]
+    settings = make_settings()
+    argv = ("--archive", str(tmp_path / "archive"), "--speed", "max", "--run-id", "cli-1")
+    assert run_replay_cli(monkeypatch, settings, *argv) == 0
+    out = capsys.readouterr().out
+    assert out == f"replay cli-1: dead_letters=1, tweets={len(tweets_in)}\n"
+    got, letters = read_topics(settings, tweets=len(tweets_in), letters=1)
+    assert sorted((t["id"], t["text"]) for t in got) == sorted(
+        (line["data"]["id"], line["data"]["text"]) for line in tweets_in
+    )
+    assert all(t["replay_run_id"] == "cli-1" and t["source"] == "replay" for t in got)
+    [letter] = letters
+    assert letter["stage"] == "replay" and letter["payload"] == b"{not json"
+
+
+def test_cli_archive_time_bounds_are_start_inclusive_stop_exclusive(
+    make_settings, tmp_path, monkeypatch, capsys
+) -> None:
+    with StreamArchive(tmp_path / "a") as archive:
+        for n in range(10):  # line n at T0 + 100 n ms; line 4 is not JSON
+            archive.write(stream_line(f"{900 + n}", 1) if n != 4 else b"oops", t_ms=T0 + 100 * n)
+    settings = make_settings()
+    argv = ("--archive", str(tmp_path / "a"), "--from", iso(T0 + 200), "--to", iso(T0 + 700))
+    assert run_replay_cli(monkeypatch, settings, *argv, "--speed", "max", "--run-id", "r") == 0
+    assert capsys.readouterr().out == "replay r: dead_letters=1, tweets=4\n"
+    got, letters = read_topics(settings, tweets=4, letters=1)
+    assert sorted(t["id"] for t in got) == ["902", "903", "905", "906"]
+    assert [letter["payload"] for letter in letters] == [b"oops"]
+
+
+def test_cli_bad_input_is_one_clear_error_line(
+    make_settings, tmp_path, monkeypatch, capsys
+) -> None:
+    import time
+
+    settings = make_settings()
+    write_archive(tmp_path / "archive")
+    archive = str(tmp_path / "archive")
+    cases = {
+        ("--archive", str(tmp_path / "nowhere")): f"no archive at {tmp_path / 'nowhere'}",
+        ("--archive", archive, "--speed", "fast"): "speed 'fast'",
+        ("--archive", archive, "--speed", "0x"): "speed '0x'",
+        ("--archive", archive, "--from", "yesterday"): "bound 'yesterday'",
+        ("--topic", archive, "--to", "2024-13-01"): "bound '2024-13-01'",
+        ("--topic", "no-such-topic"): "topic 'no-such-topic'",
+    }
+    for argv, message in cases.items():
+        began = time.monotonic()
+        assert run_replay_cli(monkeypatch, settings, *argv) == 1, argv
+        took = time.monotonic() - began
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(f"error: {message}"), captured
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+        assert took < 5, f"{argv} took {took:.1f} s"
+
+
+# Topic time bounds -----------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that only `sleep` moves, recording the sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def archived_topic(settings) -> str:
+    """12 Tweets on `settings`' `tweets` topic, tweet 7n at T0 + n s in partition n % 2,
+    with both ingested_at_ms and the record timestamp at that time, plus two records that
+    are not Tweets, at T0 + 5.5 s (partition 1) and T0 + 9.5 s (partition 0)."""
+    from confluent_kafka import Producer
+
+    from infra.kafka import producer_config
+    from producers.tweets import tweet_from_stream_line
+    from schemas.codec import Codec
+
+    codec = Codec.from_settings(settings)
+    topic = settings.topic("tweets")
+    producer = Producer(producer_config(settings))
+    records: list[tuple[float, int, bytes, bytes]] = []
+    for n in range(12):
+        tweet = tweet_from_stream_line(
+            stream_line(f"{700 + n}", 1), source="x", ingested_at_ms=T0 + 1000 * n
+        )
+        value = codec.encode("Tweet", tweet, topic=topic)
+        records.append((T0 + 1000 * n, n % 2, tweet["id"].encode(), value))
+    records += [(T0 + 5500, 1, b"bad", b"not a tweet 1"), (T0 + 9500, 0, b"bad", b"not a tweet 2")]
+    for t_ms, partition, key, value in sorted(records):
+        producer.produce(topic, value, key, partition=partition, timestamp=int(t_ms))
+    assert producer.flush(20) == 0
+    return topic
+
+
+def test_topic_time_bounds_select_by_record_time(make_settings, monkeypatch, capsys) -> None:
+    source = make_settings()
+    topic = archived_topic(source)
+
+    def timed(start_s: float | None, stop_s: float | None, **kw: Any) -> tuple[Any, list]:
+        fake = FakeClock()
+        bound = {
+            name: datetime.fromtimestamp((T0 + 1000 * s) / 1000, UTC)
+            for name, s in (("start", start_s), ("stop", stop_s))
+            if s is not None
+        }
+        counts = replay(
+            make_settings(), topic=topic, speed="1x", clock=fake.clock, sleep=fake.sleep, **bound
+        )
+        return counts, fake.sleeps
+
+    # [3 s, 8 s): tweets 703..707 and the bad record at 5.5 s, merged by time over both
+    # partitions (a wrong order would skip sleeps), each sent its gap after the one before.
+    counts, sleeps = timed(3, 8)
+    assert (counts["tweets"], counts["dead_letters"]) == (5, 1)
+    assert sleeps == [1.0, 1.0, 0.5, 0.5, 1.0]
+    counts, sleeps = timed(None, 2)  # to 2 s: 700 and 701
+    assert (counts["tweets"], counts["dead_letters"], sleeps) == (2, 0, [1.0])
+    counts, sleeps = timed(9.5, None)  # from 9.5 s: the bad record, 710 and 711
+    assert (counts["tweets"], counts["dead_letters"], sleeps) == (2, 1, [0.5, 1.0])
+    counts, sleeps = timed(3.5, 3.9)  # between two records
+    assert (counts["tweets"], counts["dead_letters"], sleeps) == (0, 0, [])
+    counts, sleeps = timed(60, None)  # after the end
+    assert (counts["tweets"], counts["dead_letters"], sleeps) == (0, 0, [])
+
+    # The same [3 s, 8 s) by the command, with ISO times: exactly those records arrive.
+    target = make_settings()
+    argv = ("--topic", topic, "--from", iso(T0 + 3000), "--to", iso(T0 + 8000))
+    assert run_replay_cli(monkeypatch, target, *argv, "--speed", "max", "--run-id", "t") == 0
+    assert capsys.readouterr().out == "replay t: dead_letters=1, tweets=5\n"
+    got, letters = read_topics(target, tweets=5, letters=1)
+    assert sorted(t["id"] for t in got) == [f"{n}" for n in range(703, 708)]
+    assert all(t["replay_run_id"] == "t" and t["source"] == "replay" for t in got)
+    assert [(d["payload"], d["source_offset"]) for d in letters] == [(b"not a tweet 1", 3)]
+
+
+def test_topic_replay_streams_with_a_bounded_read_ahead(make_settings, monkeypatch) -> None:
+    """Partition 0 holds the first 3 s, partition 1 the next 3 s: the merge must drain
+    partition 0 while partition 1 waits paused, never buffering more than it may."""
+    from collections import deque
+
+    from confluent_kafka import Producer
+
+    from infra.kafka import producer_config
+    from producers import replay as replay_module
+
+    settings = make_settings()
+    topic = settings.topic("images")  # any topic: these records are not Tweets
+    producer = Producer(producer_config(settings))
+    for partition in (1, 0):
+        for n in range(30):
+            t_ms = int(T0) + 3000 * partition + 100 * n
+            producer.produce(
+                topic, f"{partition}-{n}".encode(), partition=partition, timestamp=t_ms
+            )
+    assert producer.flush(20) == 0
+
+    most: list[int] = [0]
+
+    class Buffer(deque):
+        def append(self, item: Any) -> None:
+            super().append(item)
+            most[0] = max(most[0], len(self))
+
+    class Tracked(replay_module._Partition):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.buffer = Buffer()
+
+    monkeypatch.setattr(replay_module, "READ_AHEAD", 4)
+    monkeypatch.setattr(replay_module, "_Partition", Tracked)
+    items = list(replay_module._topic_items(settings, topic, None, None))
+    assert [item.raw for item in items] == [f"{p}-{n}".encode() for p in (0, 1) for n in range(30)]
+    assert [item.t_ms for item in items] == [T0 + 100 * n for n in range(60)]
+    assert 4 <= most[0] <= 4 + 4 - 1  # the read-ahead, plus the rest of one batch
