@@ -154,6 +154,49 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from infra.exceptions import ConfigurationError
+    from producers.collect import collect, parse_tags
+    from producers.xapi import XApiError
+
+    settings = get_settings()
+    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
+        print(
+            "error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API recent search needs an "
+            "app bearer token",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        manifest = asyncio.run(
+            collect(
+                settings,
+                parse_tags(args.tags),
+                args.per_class,
+                args.out,
+                max_results=args.max_results,
+                max_pages=args.max_pages,
+                near_threshold=args.near_threshold,
+            )
+        )
+    except (ConfigurationError, XApiError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; run it again to resume (progress: {args.out}/collect.json)")
+        return 130
+    for tag, r in manifest["tags"].items():
+        print(
+            f"{tag}: {r['saved']}/{args.per_class} images ({r['saved_new']} new), "
+            f"{r['pages']} pages; skipped {r['duplicates_url']} seen urls, "
+            f"{r['duplicates_exact']} exact and {r['duplicates_near']} near duplicates, "
+            f"{r['not_photo']} not photos, {r['fetch_failed']} fetch failures, "
+            f"{r['rejected']} undecodable",
+            flush=True,
+        )
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from models.demo import ensure_demo_model
     from models.runtime import OnnxClassifier
@@ -315,6 +358,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--run-id", default=None, help="replay_run_id (default: a new uuid)")
     replay.set_defaults(func=cmd_produce_replay)
+
+    collect = commands.add_parser(
+        "collect",
+        help="download photos per tag from X API recent search into DIR/<tag>/ "
+        "(needs TAGSTREAM_X_BEARER_TOKEN)",
+    )
+    collect.add_argument("--tags", required=True, help="comma-separated tags, e.g. cats,dogs")
+    collect.add_argument(
+        "--per-class", type=int, required=True, help="images wanted per tag (never more)"
+    )
+    collect.add_argument("--out", required=True, metavar="DIR", help="one folder per tag in DIR")
+    collect.add_argument(
+        "--near-threshold",
+        type=int,
+        default=6,
+        help="perceptual-hash bits (of 64) within which a photo is a near duplicate; "
+        "-1 turns that off (default: 6)",
+    )
+    collect.add_argument(
+        "--max-pages", type=int, default=50, help="result pages read per query (default: 50)"
+    )
+    collect.add_argument(
+        "--max-results", type=int, default=100, help="tweets per page, 10..100 (default: 100)"
+    )
+    collect.set_defaults(func=cmd_collect)
 
     infer = commands.add_parser("infer", help="run an inference consumer")
     infer.add_argument(

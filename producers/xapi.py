@@ -99,6 +99,25 @@ class _Reconnect(Exception):
         self.reset_at = reset_at
 
 
+def require_secret(bearer_token: object) -> SecretStr:
+    """`bearer_token` if it is a `SecretStr`; a plain str would end up in reprs and
+    tracebacks' locals, so it is refused early."""
+    if not isinstance(bearer_token, SecretStr):
+        raise TypeError("bearer_token must be a pydantic SecretStr")
+    return bearer_token
+
+
+def bearer_headers(bearer_token: SecretStr) -> dict[str, str]:
+    """The Authorization header of one request: the only place the token is unwrapped."""
+    return {"Authorization": f"Bearer {bearer_token.get_secret_value()}"}
+
+
+def redact(text: str, bearer_token: SecretStr) -> str:
+    """`text` without the token, for anything that may echo a request back."""
+    secret = bearer_token.get_secret_value()
+    return text.replace(secret, "**********") if secret else text
+
+
 def _plural(word: str) -> str:
     irregular = {"sheep": "sheep", "butterfly": "butterflies", "mouse": "mice"}
     if word in irregular:
@@ -187,11 +206,8 @@ class FilteredStream:
         connect_timeout_s: float = 10.0,
         max_reconnects: int | None = None,
     ) -> None:
-        if not isinstance(bearer_token, SecretStr):
-            # A plain str would end up in reprs and tracebacks' locals; refuse it early.
-            raise TypeError("bearer_token must be a pydantic SecretStr")
         self.base_url = base_url.rstrip("/")
-        self._token = bearer_token
+        self._token = require_secret(bearer_token)
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock
@@ -228,12 +244,10 @@ class FilteredStream:
         return self._session
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token.get_secret_value()}"}
+        return bearer_headers(self._token)
 
     def _redact(self, text: str) -> str:
-        """`text` without the token, for anything that may echo a request back."""
-        secret = self._token.get_secret_value()
-        return text.replace(secret, "**********") if secret else text
+        return redact(text, self._token)
 
     # Rules ---------------------------------------------------------------------------
 
