@@ -262,6 +262,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from models.pseudo_label import main as pseudo_label_main
+
+    pseudo_label_main(args)
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from models.prune_run import main as prune_main
 
@@ -401,6 +408,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", parents=[model_args(add_help=False)], help="fine-tune ResNet50 on an ImageFolder"
     ).set_defaults(func=cmd_train)
+    commands.add_parser(
+        "pseudo-label",
+        parents=[model_args(add_help=False)],
+        help="teacher/student: label unlabeled images with a teacher, train a student on them",
+    ).set_defaults(func=cmd_pseudo_label)
     commands.add_parser(
         "export",
         parents=[model_args(add_help=False)],

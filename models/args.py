@@ -1,4 +1,5 @@
-"""One argument parser for the model commands (train, export), as in torchvision's references.
+"""One argument parser for the model commands (train, pseudo-label, prune, export), as in
+torchvision's references.
 
 Kept free of torch imports so that `tagstream --help` stays fast.
 """
@@ -80,6 +81,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=256,
         help="training images that calibrate INT8 (default: 256)",
     )
+    # pseudo-label
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint (pseudo-label only)")
+    parser.add_argument(
+        "--unlabeled", default=None, help="folder of unlabeled images (pseudo-label only)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=500, help="images kept per class (default: 500)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=int,
+        default=1,
+        help="classes each image may be selected for, its most probable ones (default: 1)",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.5,
+        help="teacher probability an image needs to be selected (default: 0.5)",
+    )
+    parser.add_argument(
+        "--select-only",
+        action="store_true",
+        help="write the pseudo-labelled ImageFolder and stop (default: also train the student)",
+    )
     # prune
     parser.add_argument("--rounds", type=int, default=1, help="pruning rounds (default: 1)")
     parser.add_argument(
@@ -101,7 +127,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--finetune-epochs",
         type=int,
         default=1,
-        help="fine-tune epochs after each round (default: 1)",
+        help="fine-tune epochs: after each pruning round, or of the student on the clean "
+        "set (default: 1)",
     )
     parser.add_argument(
         "--distill",

@@ -51,7 +51,8 @@ def load_splits(
     if not root.is_dir():
         raise ConfigurationError(f"--data {root} is not a folder")
     if (root / "train").is_dir():
-        train = ImageFolder(root / "train", transform=train_transform)
+        # A class may have no training images (a pseudo-label selection found none).
+        train = ImageFolder(root / "train", transform=train_transform, allow_empty=True)
         val_root = root / "val" if (root / "val").is_dir() else None
         test_root = root / "test" if (root / "test").is_dir() else None
         if val_root is None or test_root is None:
@@ -60,7 +61,7 @@ def load_splits(
         test = ImageFolder(test_root, transform=eval_transform)
         if not (train.classes == val.classes == test.classes):
             raise ConfigurationError(f"train/, val/ and test/ of {root} name different classes")
-        calibration = ImageFolder(root / "train", transform=eval_transform)
+        calibration = ImageFolder(root / "train", transform=eval_transform, allow_empty=True)
         return Splits(train, val, test, list(train.classes), calibration)
     for_train = ImageFolder(root, transform=train_transform)
     for_eval = ImageFolder(root, transform=eval_transform)

@@ -36,9 +36,15 @@ def build_resnet50(num_classes: int, *, weights: str | Path | None = None) -> to
             raise ModelError(f"weights file {path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    head = state.get("fc.weight")
+    if head is not None and head.shape[0] == num_classes:
+        # Same classes (a student fine-tuned on the clean set): the head is kept too.
+        model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, _ = model.load_state_dict(state, strict=False)
     if set(missing) - {"fc.weight", "fc.bias"}:
         raise ModelError(f"weights do not fit ResNet50: missing {sorted(missing)[:5]}")
-    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    if model.fc.out_features != num_classes:
+        model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model

@@ -172,7 +172,7 @@ def main(args) -> dict:
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "epoch": epoch,
-            "args": vars(args),
+            "args": _plain(vars(args)),
             "classes": splits.classes,
             "history": history,
         }
@@ -216,6 +216,12 @@ def main(args) -> dict:
         f" wrote {out}/metrics.json and confusion_matrix.png"
     )
     return metrics
+
+
+def _plain(args: dict) -> dict:
+    """The arguments a checkpoint keeps: plain values only (not the CLI's handler function),
+    so that ``torch.load(weights_only=True)`` can read the checkpoint back."""
+    return {k: v for k, v in args.items() if v is None or isinstance(v, str | int | float | bool)}
 
 
 def _train_epoch(model, criterion, optimizer, loader, scheduler, bar, device) -> dict[str, float]:
