@@ -82,17 +82,23 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_produce_twitter(args: argparse.Namespace) -> int:
-    from infra.exceptions import ConfigurationError
-    from producers.xapi import XApiError, run_twitter_producer
-
-    settings = get_settings()
+def _no_bearer_token(settings, endpoint: str) -> bool:
+    """True (after saying so) when the X API bearer token is not configured."""
     if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
         print(
-            "error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API filtered stream needs an "
+            f"error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API {endpoint} needs an "
             "app bearer token",
             file=sys.stderr,
         )
+        return True
+    return False
+
+
+def cmd_produce_twitter(args: argparse.Namespace) -> int:
+    from producers.xapi import run_twitter_producer
+
+    settings = get_settings()
+    if _no_bearer_token(settings, "filtered stream"):
         return 2
 
     async def run() -> dict:
@@ -119,11 +125,7 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
             if archive is not None:
                 archive.close()
 
-    try:
-        counts = asyncio.run(run())
-    except (ConfigurationError, XApiError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    counts = asyncio.run(run())
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
     return 0
@@ -132,7 +134,6 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
 def cmd_produce_replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from infra.exceptions import TagstreamError
     from producers.replay import parse_bound, replay
 
     settings = get_settings()
@@ -146,7 +147,7 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
             speed=args.speed,
             run_id=args.run_id,
         )
-    except (TagstreamError, OSError) as e:
+    except OSError as e:  # an archive that cannot be read (our own errors: see main)
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
@@ -155,17 +156,10 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from infra.exceptions import ConfigurationError
     from producers.collect import collect, parse_tags
-    from producers.xapi import XApiError
 
     settings = get_settings()
-    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
-        print(
-            "error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API recent search needs an "
-            "app bearer token",
-            file=sys.stderr,
-        )
+    if _no_bearer_token(settings, "recent search"):
         return 2
     try:
         manifest = asyncio.run(
@@ -179,9 +173,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 near_threshold=args.near_threshold,
             )
         )
-    except (ConfigurationError, XApiError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"interrupted; run it again to resume (progress: {args.out}/collect.json)")
         return 130
@@ -241,7 +232,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.models:
         from models.bench import model_table, print_model_table
 
-        print_model_table(model_table(input_size=args.input_size, fraction=args.prune_fraction))
+        print_model_table(
+            model_table(
+                input_size=args.input_size,
+                fraction=args.prune_fraction,
+                accuracy=not args.speed_only,
+                epochs=args.accuracy_epochs,
+                finetune_epochs=args.finetune_epochs,
+            )
+        )
         return 0
     from infra.bench import run_bench
 
@@ -429,7 +428,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--models",
         action="store_true",
-        help="dense/pruned x FP32/INT8 throughput table instead of the pipeline figures",
+        help="dense/pruned x FP32/INT8 throughput and digits accuracy table instead of the "
+        "pipeline figures",
     )
     bench.add_argument("--input-size", type=int, default=224, help="for --models (default: 224)")
     bench.add_argument(
@@ -437,6 +437,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="share of prunable channels removed, for --models (default: 0.5)",
+    )
+    bench.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="for --models: random weights, no digits accuracy task (default: off)",
+    )
+    bench.add_argument(
+        "--accuracy-epochs",
+        type=int,
+        default=8,
+        help="for --models: training epochs of the digits task (default: 8)",
+    )
+    bench.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=3,
+        help="for --models: distilled fine-tune epochs after pruning (default: 3)",
     )
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -448,7 +465,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    if not args.verbose:
+        # The ONNX exporter logs every optimizer pass at INFO.
+        for name in ("onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from infra.exceptions import TagstreamError
+
+    try:
+        return int(args.func(args) or 0)
+    except TagstreamError as e:
+        # Our own errors say what is wrong and what to do; a traceback adds nothing.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""Model throughput at serving size: dense vs APoZ-pruned, FP32 vs INT8, in one run.
+"""Model throughput at serving size and accuracy on a real task: dense vs APoZ-pruned,
+FP32 vs INT8, all measured in one run.
 
-Speed needs no trained weights, so this table uses a ResNet50 with random
-weights, pruned by APoZ measured on generated demo images (`top-fraction` rule,
-to reach a chosen channel sparsity in one round), exported at 224x224 and
-quantized to static QDQ INT8. Accuracy per variant comes from the training
-pipeline's digits task, reported separately.
+Accuracy (`digits_accuracy`): a ResNet50 is trained from scratch on scikit-learn's
+bundled digits (1,797 real images) at 32x32, pruned by one APoZ round (`top-fraction`,
+to the chosen channel sparsity) and fine-tuned distilled from the dense model; each is
+exported to ONNX in FP32 and static QDQ INT8 (calibrated on training images), and each
+of the four is scored on the same held-out test split through ONNX Runtime.
+
+Throughput: the same two networks (the digits-trained dense and pruned ones; the
+pruned widths do not depend on the input size) are exported at 224x224, INT8
+calibrated on generated demo images, and timed with ONNX Runtime on the CPU. Without
+the accuracy task (`accuracy=False`, for a quick look or tests) the networks are a
+random-weight ResNet50 and its APoZ-pruned copy.
 """
 
 from __future__ import annotations
@@ -35,15 +42,17 @@ class ModelRow:
     macs: int
     onnx_bytes: int
     images_per_s: float
+    accuracy: float | None = None  # on the digits test split, at its small input size
 
 
 def _save_with_manifest(model: torch.nn.Module, folder: Path, input_size: int) -> Path:
     export_onnx(model, folder / "model.onnx", input_size=input_size)
+    classes = [f"class{i}" for i in range(model.fc.out_features)]
     Manifest(
         model_id="bench-resnet50",
         version=folder.name,
-        classes=list(DEMO_CLASSES),
-        thresholds=dict.fromkeys(DEMO_CLASSES, 0.5),
+        classes=classes,
+        thresholds=dict.fromkeys(classes, 0.5),
         input_size=input_size,
         resize_size=input_size,
         mean=[0.485, 0.456, 0.406],
@@ -63,9 +72,87 @@ def _throughput(folder: Path, batch: np.ndarray, repeats: int) -> float:
     return len(batch) * repeats / (time.perf_counter() - started)
 
 
+def digits_accuracy(
+    workdir: Path,
+    *,
+    epochs: int = 8,
+    finetune_epochs: int = 3,
+    fraction: float = 0.5,
+    input_size: int = 32,
+    progress: bool = False,
+) -> tuple[dict[str, float], torch.nn.Module, torch.nn.Module]:
+    """Train, prune and export on the digits; the test accuracy of the four ONNX variants.
+
+    Returns ({"dense FP32": acc, ...}, the dense network, the pruned network).
+    """
+    from infra.cli import get_args_parser
+    from models.checkpoint import load_trained
+    from models.data import write_digits_folder
+    from models.export import main as export_main
+    from models.prune_run import main as prune_main
+    from models.train import main as train_main
+
+    data = write_digits_folder(workdir / "digits", size=input_size)
+    quiet = [] if progress else ["--no-progress"]
+
+    def parse(*argv: str):
+        return get_args_parser().parse_args([*argv, *quiet])
+
+    print(
+        f"accuracy task: training ResNet50 on the digits at {input_size}x{input_size}", flush=True
+    )
+    train_main(
+        parse(
+            "train", "--data", str(data), "--output-dir", str(workdir / "dense"),
+            "--input-size", str(input_size), "--batch-size", "32", "--opt", "adamw",
+            "--lr", "0.002", "--epochs", str(epochs),
+        )
+    )  # fmt: skip
+    dense_ckpt = workdir / "dense" / "model_best.pt"
+    print(f"accuracy task: pruning {fraction:.0%} of the prunable channels", flush=True)
+    prune_main(
+        parse(
+            "prune", "--checkpoint", str(dense_ckpt), "--output-dir", str(workdir / "pruned"),
+            "--rounds", "1", "--prune-rule", "top-fraction", "--prune-fraction", str(fraction),
+            "--finetune-epochs", str(finetune_epochs), "--distill", "--batch-size", "32",
+            "--lr", "0.005", "--bench-input-size", str(input_size),
+        )
+    )  # fmt: skip
+    pruned_ckpt = workdir / "pruned" / "pruned_round1.pt"
+    dense = load_trained(dense_ckpt)
+    test = dense.splits.test
+    images = np.stack([test[i][0].numpy() for i in range(len(test))])
+    labels = np.array([test[i][1] for i in range(len(test))])
+    accuracy = {}
+    for label, checkpoint in (("dense", dense_ckpt), ("pruned", pruned_ckpt)):
+        for precision in ("fp32", "int8"):
+            folder = workdir / "onnx" / f"{label}-{precision}"
+            export_main(
+                parse(
+                    "export", "--checkpoint", str(checkpoint), "--output-dir", str(folder),
+                    "--precision", precision, "--calibration-images", "256",
+                )
+            )  # fmt: skip
+            predicted = OnnxClassifier(folder).probabilities(images).argmax(1)
+            name = f"{label} {precision.upper()}"
+            accuracy[name] = float((predicted == labels).mean())
+            print(f"  {name}: digits test accuracy {accuracy[name]:.4f}", flush=True)
+    return accuracy, dense.model, load_trained(pruned_ckpt).model
+
+
 def model_table(
-    *, input_size: int = 224, batch_size: int = 8, repeats: int = 4, fraction: float = 0.5
+    *,
+    input_size: int = 224,
+    batch_size: int = 8,
+    repeats: int = 4,
+    fraction: float = 0.5,
+    accuracy: bool = False,
+    epochs: int = 8,
+    finetune_epochs: int = 3,
+    progress: bool = False,
 ) -> list[ModelRow]:
+    """Dense/pruned x FP32/INT8 rows, timed at `input_size`; with `accuracy`, the networks
+    are the digits-trained ones and each row carries its digits test accuracy."""
     torch.manual_seed(0)
     preset = ServingPreset(input_size=input_size)
     images = np.stack(
@@ -75,42 +162,62 @@ def model_table(
             for seed in range(2)
         ]
     )
-    dense = build_resnet50(len(DEMO_CLASSES), weights=None).eval()
-    pruned = copy.deepcopy(dense)
-    loader = [(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))]
-    report = prune_round(
-        pruned, loader, rule="top-fraction", fraction=fraction, input_size=input_size
-    )
-    print(f"pruned: {report}", flush=True)
-    calibration = list(np.array_split(images, 4))
-    batch = images[:batch_size]
-    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
+        scores: dict[str, float] = {}
+        if accuracy:
+            scores, dense, pruned = digits_accuracy(
+                root / "digits-task",
+                epochs=epochs,
+                finetune_epochs=finetune_epochs,
+                fraction=fraction,
+                progress=progress,
+            )
+        else:
+            dense = build_resnet50(len(DEMO_CLASSES), weights=None).eval()
+            pruned = copy.deepcopy(dense)
+            loader = [(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))]
+            report = prune_round(
+                pruned, loader, rule="top-fraction", fraction=fraction, input_size=input_size
+            )
+            print(f"pruned: {report}", flush=True)
+        calibration = list(np.array_split(images, 4))
+        batch = images[:batch_size]
+        rows = []
         for label, model in (("dense", dense), ("pruned", pruned)):
             fp32 = _save_with_manifest(model, root / f"{label}-fp32", input_size)
             int8 = root / f"{label}-int8"
             make_variant(fp32, int8, "int8", calibration=calibration)
             for precision, folder in (("FP32", fp32), ("INT8", int8)):
+                name = f"{label} {precision}"
                 rows.append(
                     ModelRow(
-                        f"{label} {precision}",
+                        name,
                         count_params(model),
                         count_flops(model, input_size),
                         (folder / "model.onnx").stat().st_size,
                         _throughput(folder, batch, repeats),
+                        scores.get(name),
                     )
                 )
-                print(f"  measured {rows[-1].name}: {rows[-1].images_per_s:.1f} img/s", flush=True)
+                print(f"  measured {name}: {rows[-1].images_per_s:.1f} img/s", flush=True)
     return rows
 
 
 def print_model_table(rows: list[ModelRow]) -> None:
-    base = rows[0].images_per_s
-    print("\n| model | params | GMACs | ONNX MB | images/s | ratio to dense FP32 |")
-    print("|---|---|---|---|---|---|")
+    base = rows[0]
+    with_accuracy = base.accuracy is not None
+    print(
+        "\n| model | params | GMACs | ONNX MB | images/s | ratio to dense FP32 |"
+        + (" digits acc. | vs dense FP32 |" if with_accuracy else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|---|" if with_accuracy else ""))
     for row in rows:
-        print(
+        line = (
             f"| {row.name} | {row.params / 1e6:.1f}M | {row.macs / 1e9:.2f} | "
-            f"{row.onnx_bytes / 1e6:.1f} | {row.images_per_s:.1f} | {row.images_per_s / base:.2f} |"
+            f"{row.onnx_bytes / 1e6:.1f} | {row.images_per_s:.1f} | "
+            f"{row.images_per_s / base.images_per_s:.2f} |"
         )
+        if with_accuracy and row.accuracy is not None:
+            line += f" {100 * row.accuracy:.2f} | {100 * (row.accuracy - base.accuracy):+.2f} |"
+        print(line)

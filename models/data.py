@@ -76,3 +76,24 @@ def load_splits(
         list(for_train.classes),
         subset(for_eval, train_idx),
     )
+
+
+def write_digits_folder(root: Path, *, size: int = 32) -> Path:
+    """scikit-learn's bundled digits (1,797 real handwritten 8x8 images, shipped with the
+    package, so no download) written out as an ImageFolder of RGB PNGs at `size`."""
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # a dev extra: `make install` has it
+        raise ConfigurationError(
+            "the digits task needs scikit-learn: pip install -e '.[dev]'"
+        ) from exc
+    digits = load_digits()
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = (np.asarray(pixels) * (255.0 / 16.0)).astype(np.uint8)
+        image = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+        image.convert("RGB").save(folder / f"{index:04d}.png")
+    return root
