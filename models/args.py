@@ -21,8 +21,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output-dir",
-        default="runs/train",
-        help="where checkpoints, metrics and plots go (default: runs/train)",
+        default=None,
+        help="where checkpoints, reports and models go (default: runs/<command>)",
     )
     parser.add_argument(
         "--weights",
@@ -93,7 +93,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--top-p",
         type=int,
         default=1,
-        help="classes each image may be selected for, its most probable ones (default: 1)",
+        help="classes each image may be selected for, its most probable ones; above 1 it "
+        "matters only with --min-confidence below 0.5 (default: 1)",
     )
     parser.add_argument(
         "--min-confidence",

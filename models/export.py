@@ -96,7 +96,7 @@ def main(args) -> dict:
     val_loader = torch.utils.data.DataLoader(splits.val, batch_size=64)
     probabilities, labels = predict(model, val_loader)
 
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or "runs/export")
     fp32_dir = out if args.precision == "fp32" else out.with_name(out.name + "-fp32")
     fp32_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, fp32_dir / "model.onnx", input_size=input_size)

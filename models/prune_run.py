@@ -95,7 +95,7 @@ def main(args) -> dict:
         raise ConfigurationError("--checkpoint is required")
     loaded = load_trained(args.checkpoint, data=args.data, augment=True)
     checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes
-    model, splits, input_size = loaded.model, loaded.splits, trained["input_size"]
+    model, splits = loaded.model, loaded.splits
     teacher = copy.deepcopy(model).eval() if args.distill else None
     loader = torch.utils.data.DataLoader
     generator = torch.Generator().manual_seed(trained["seed"])
@@ -104,8 +104,8 @@ def main(args) -> dict:
     )
     val_loader = loader(splits.val, batch_size=64)
     test_loader = loader(splits.test, batch_size=64)
-    bench_size = args.bench_input_size or input_size
-    out = Path(args.output_dir)
+    bench_size = args.bench_input_size
+    out = Path(args.output_dir or "runs/prune")
     out.mkdir(parents=True, exist_ok=True)
 
     rate, onnx_bytes = onnx_throughput(model, bench_size)

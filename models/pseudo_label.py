@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from infra.exceptions import ConfigurationError
 
-#: What counts as an image under --unlabeled (torchvision's ImageFolder list).
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
-)
+#: What counts as an image under --unlabeled: what torchvision's ImageFolder reads.
+IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,14 @@ def score_images(
     Returns (probabilities of the readable images, their indices in `paths`, {path: error}).
     """
     model.eval()
+    device = next(model.parameters()).device
     probabilities, readable, unreadable = [], [], {}
     batch: list[np.ndarray] = []
 
     def flush() -> None:
         if batch:
-            logits = model(torch.from_numpy(np.stack(batch)))
-            probabilities.append(torch.softmax(logits, dim=1).numpy())
+            logits = model(torch.from_numpy(np.stack(batch)).to(device))
+            probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             batch.clear()
 
     for index, path in enumerate(paths):
@@ -166,6 +170,31 @@ def write_student_folder(
     return out
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def drop_clean_images(paths: list[Path], clean: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(paths without the teacher's validation and test images, the ones dropped).
+
+    An unlabeled folder may hold copies of clean images (the same collection, a folder
+    made from the same photos); trained on by the student, they would inflate Table I.
+    The same file (resolved path) or the same bytes (SHA-256) counts as a copy.
+    """
+    resolved = {p.resolve() for p in clean}
+    digests = {_sha256(p) for p in clean}
+    kept, dropped = [], []
+    for path in paths:
+        same = path.resolve() in resolved or _sha256(path) in digests
+        (dropped if same else kept).append(path)
+    return kept, dropped
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def _train_args(args, **changes) -> argparse.Namespace:
     merged = {**vars(args), "resume": None, **changes}
     return argparse.Namespace(**merged)
@@ -175,32 +204,59 @@ def main(args) -> dict:
     from tqdm import tqdm
 
     from models.checkpoint import load_trained
-    from models.train import evaluate
+    from models.train import _device, evaluate
     from models.train import main as train_main
 
     if not args.teacher or not args.unlabeled:
         raise ConfigurationError("--teacher CKPT and --unlabeled DIR are required")
+    out = Path(args.output_dir or "runs/pseudo-label")
+    unlabeled = Path(args.unlabeled)
+    if _overlap(out, unlabeled):
+        # A second run would score the first one's student_data, test images included.
+        raise ConfigurationError(f"--output-dir {out} and --unlabeled {unlabeled} overlap")
+    paths = list_images(unlabeled)
+    if not paths:
+        raise ConfigurationError(f"--unlabeled {unlabeled} holds no images")
     teacher = load_trained(args.teacher, data=args.data)
     classes, trained = teacher.classes, teacher.args
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = list_images(Path(args.unlabeled))
-    if not paths:
-        raise ConfigurationError(f"--unlabeled {args.unlabeled} holds no images")
+    clean = [
+        path
+        for split in (teacher.splits.val, teacher.splits.test)
+        for path, _ in _dataset_files(split)
+    ]
+    paths, copies = drop_clean_images(paths, clean)
+    if copies:
+        print(f"left out {len(copies)} unlabeled images that are the teacher's val/test images")
 
     with tqdm(
         total=len(paths), desc="teacher scoring", unit="img", disable=args.no_progress
     ) as bar:
         probabilities, readable, unreadable = score_images(
-            teacher.model, paths, teacher.serving, batch_size=64, progress=bar
+            teacher.model.to(_device(args)),
+            paths,
+            teacher.serving,
+            batch_size=args.batch_size,
+            progress=bar,
         )
+    teacher.model.to("cpu")
     scored = [paths[i] for i in readable]
+    if not scored:
+        raise ConfigurationError(f"none of the {len(paths)} images under {unlabeled} decodes")
     selection = select_top_k(
         probabilities.reshape(len(scored), len(classes)),
         top_k=args.top_k,
         min_confidence=args.min_confidence,
         top_p=args.top_p,
     )
+    if not any(selection):
+        raise ConfigurationError(
+            f"the teacher is not confident enough (--min-confidence {args.min_confidence}) "
+            f"about any of the {len(scored)} images: nothing to train a student on"
+        )
+    empty = [name for name, picked in zip(classes, selection, strict=True) if not picked]
+    if empty:
+        log.warning("no image selected for %s; the student sees none of it", ", ".join(empty))
     data = write_student_folder(
         out / "student_data",
         scored,
@@ -220,7 +276,8 @@ def main(args) -> dict:
     summary = {
         "teacher": str(args.teacher),
         "unlabeled": str(args.unlabeled),
-        "images": len(paths),
+        "images": len(paths) + len(copies),
+        "left_out_clean_copies": [str(p) for p in copies],
         "unreadable": unreadable,
         "top_k": args.top_k,
         "top_p": args.top_p,

@@ -84,7 +84,7 @@ def main(args) -> dict:
         raise ConfigurationError("--data is required: an ImageFolder root")
     torch.manual_seed(args.seed)
     device = _device(args)
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or "runs/train")
     out.mkdir(parents=True, exist_ok=True)
     serving = ServingPreset(input_size=args.input_size, resize_size=args.resize_size)
     splits = load_splits(
@@ -108,7 +108,9 @@ def main(args) -> dict:
     val_loader = loader(splits.val, batch_size=64, num_workers=args.workers)
     test_loader = loader(splits.test, batch_size=64, num_workers=args.workers)
 
-    model = build_resnet50(len(splits.classes), weights=args.weights).to(device)
+    model = build_resnet50(len(splits.classes), weights=args.weights, classes=splits.classes).to(
+        device
+    )
     if args.opt == "sgd":
         optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -146,6 +148,8 @@ def main(args) -> dict:
         for images, targets in batches:
             yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
+    # Mixed precision on CUDA: one scaler for the run, so its scale carries across epochs.
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     for epoch in range(start_epoch, args.epochs):
         started = time.monotonic()
         with tqdm(
@@ -155,7 +159,7 @@ def main(args) -> dict:
             disable=args.no_progress,
         ) as bar:
             stats = _train_epoch(
-                model, criterion, optimizer, on_device(train_loader), scheduler, bar, device
+                model, criterion, optimizer, on_device(train_loader), scheduler, bar, scaler
             )
         val_acc = _eval_on(model, val_loader, device)
         history.append(
@@ -224,13 +228,12 @@ def _plain(args: dict) -> dict:
     return {k: v for k, v in args.items() if v is None or isinstance(v, str | int | float | bool)}
 
 
-def _train_epoch(model, criterion, optimizer, loader, scheduler, bar, device) -> dict[str, float]:
-    if device.type != "cuda":
+def _train_epoch(model, criterion, optimizer, loader, scheduler, bar, scaler) -> dict[str, float]:
+    if scaler is None:
         return train_one_epoch(
             model, criterion, optimizer, loader, scheduler=scheduler, progress=bar
         )
-    # Mixed precision on CUDA: autocast for the forward pass, a scaler for the gradients.
-    scaler = torch.amp.GradScaler("cuda")
+    # Mixed precision on CUDA: autocast for the forward pass, the scaler for the gradients.
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
     for images, targets in loader:

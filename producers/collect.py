@@ -59,6 +59,7 @@ from producers.xapi import (
     bearer_headers,
     redact,
     require_secret,
+    require_token,
 )
 
 log = logging.getLogger(__name__)
@@ -350,8 +351,9 @@ class RecentSearch:
                     self.counters[f"http_{status}"] += 1
                     if status < 500:
                         # 400/401/403/404 and the rest of 4xx: waiting will not fix them.
-                        detail = redact(f"{where}: HTTP {status}: {text[:500]}", self._token)
-                        raise XApiError(detail)
+                        # Redact before cutting: a cut token would no longer match.
+                        body = redact(text, self._token)[:500]
+                        raise XApiError(redact(f"{where}: HTTP {status}: {body}", self._token))
                     reason = f"HTTP {status}"
             failures += 1
             if failures >= self.max_attempts:
@@ -702,13 +704,13 @@ async def collect(
     tags = parse_tags(tags)
     if per_class < 1:
         raise ConfigurationError(f"per_class must be at least 1, got {per_class}")
+    if not 10 <= max_results <= 100:  # checked again by RecentSearch; here before any I/O
+        raise ConfigurationError(f"max_results must be in 10..100, got {max_results}")
     if max_pages is not None and max_pages < 1:
         raise ConfigurationError(f"max_pages must be at least 1, got {max_pages}")
     if not -1 <= near_threshold <= 64:
         raise ConfigurationError(f"near_threshold must be in -1..64, got {near_threshold}")
-    token = settings.x_bearer_token
-    if token is None or not token.get_secret_value():
-        raise ConfigurationError("TAGSTREAM_X_BEARER_TOKEN is not set: the X API needs it")
+    token = require_token(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     collector = _Collector(

@@ -123,14 +123,21 @@ def _archive_items(
     from producers.archive import read_archive
 
     source = f"archive:{path}"
+    # A line without a receive time goes with its predecessor: skipped before the start
+    # time is reached, like a topic record without a timestamp.
+    started = not isinstance(start, datetime)
     for index, (t_ms, line) in enumerate(read_archive(path)):
         if isinstance(start, int) and index < start:
             continue
         if isinstance(stop, int) and index >= stop:
             return
-        if t_ms is not None:
+        if t_ms is None:
+            if not started:
+                continue
+        else:
             if isinstance(start, datetime) and t_ms < _ms(start):
                 continue
+            started = True
             if isinstance(stop, datetime) and t_ms >= _ms(stop):
                 return
         where = (source, -1, index)

@@ -107,6 +107,14 @@ def require_secret(bearer_token: object) -> SecretStr:
     return bearer_token
 
 
+def require_token(settings: Settings) -> SecretStr:
+    """The configured bearer token; a clear error when there is none."""
+    token = settings.x_bearer_token
+    if token is None or not token.get_secret_value():
+        raise ConfigurationError("TAGSTREAM_X_BEARER_TOKEN is not set: the X API needs it")
+    return token
+
+
 def bearer_headers(bearer_token: SecretStr) -> dict[str, str]:
     """The Authorization header of one request: the only place the token is unwrapped."""
     return {"Authorization": f"Bearer {bearer_token.get_secret_value()}"}
@@ -275,7 +283,9 @@ class FilteredStream:
         except ValueError:
             payload = {"raw": text[:500]}
         if status >= 300:
-            raise XApiError(self._redact(f"{method} {RULES_PATH}: HTTP {status}: {text[:500]}"))
+            raise XApiError(
+                self._redact(f"{method} {RULES_PATH}: HTTP {status}: {self._redact(text)[:500]}")
+            )
         if not isinstance(payload, dict):
             raise XApiError(f"{method} {RULES_PATH}: answer is not a JSON object")
         return payload
@@ -291,7 +301,7 @@ class FilteredStream:
         # harmless (it is in place), anything else (invalid syntax, too long) is not.
         errors = [e for e in payload.get("errors") or [] if e.get("title") != "DuplicateRule"]
         if errors:
-            raise XApiError(self._redact(f"rules not accepted: {json.dumps(errors)[:1000]}"))
+            raise XApiError(f"rules not accepted: {self._redact(json.dumps(errors))[:1000]}")
         return payload
 
     async def sync_rules(
@@ -412,7 +422,7 @@ class FilteredStream:
             raw = await asyncio.wait_for(response.content.read(2000), self.connect_timeout_s)
             body = raw.decode("utf-8", "replace")
         if status in FATAL_STATUSES:
-            raise XApiError(self._redact(f"GET {STREAM_PATH}: HTTP {status}: {body[:500]}"))
+            raise XApiError(f"GET {STREAM_PATH}: HTTP {status}: {self._redact(body)[:500]}")
         if status == 429:
             reset_at = None
             with contextlib.suppress(KeyError, ValueError):
@@ -507,12 +517,11 @@ async def run_twitter_producer(
     line read (malformed ones included, duplicates too) is archived as received, before
     it is produced; the caller closes the archive.
     """
-    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
-        raise ConfigurationError("TAGSTREAM_X_BEARER_TOKEN is not set: the X API needs it")
+    token = require_token(settings)
     wanted = load_rules(rules)
     counts: Counter[str] = Counter()
     async with FilteredStream(
-        base_url=settings.x_api_base_url, bearer_token=settings.x_bearer_token, sleep=sleep
+        base_url=settings.x_api_base_url, bearer_token=token, sleep=sleep
     ) as stream:
         synced = await stream.sync_rules(wanted, dry_run=dry_run)
         counts.update(

@@ -73,3 +73,17 @@ class BackgroundLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def run_cli(monkeypatch, env: dict[str, str], *argv: str) -> int:
+    """`tagstream ARGV` in this process, with `env` set and the settings read afresh."""
+    from infra.cli import main
+    from infra.settings import get_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        return main(list(argv))
+    finally:
+        get_settings.cache_clear()

@@ -55,11 +55,12 @@ def test_amp_training_step_on_cuda_learns_a_fixed_batch() -> None:
         def update(self, n: int) -> None:
             pass
 
+    scaler = torch.amp.GradScaler("cuda")
     losses = []
     for _ in range(8):
         stats = _train_epoch(
             model, torch.nn.CrossEntropyLoss(), optimizer, [(images, targets)], scheduler,
-            Bar(), device,
+            Bar(), scaler,
         )  # fmt: skip
         losses.append(stats["loss"])
     print(f"\nAMP losses on one batch: {[round(x, 3) for x in losses]}")

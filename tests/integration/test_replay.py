@@ -25,7 +25,7 @@ import pytest
 
 from producers.archive import StreamArchive
 from producers.replay import replay
-from tests.helpers import KafkaReader, settings_env
+from tests.helpers import KafkaReader, run_cli, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -180,16 +180,7 @@ def test_twitter_producer_archives_every_line_as_received(make_settings, tmp_pat
 
 def run_replay_cli(monkeypatch: pytest.MonkeyPatch, settings, *argv: str) -> int:
     """`tagstream produce replay ARGV` with `settings` as its environment."""
-    from infra.cli import main
-    from infra.settings import get_settings
-
-    for name, value in settings_env(settings).items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        return main(["produce", "replay", *argv])
-    finally:
-        get_settings.cache_clear()
+    return run_cli(monkeypatch, settings_env(settings), "produce", "replay", *argv)
 
 
 def read_topics(settings, *, tweets: int, letters: int = 0) -> tuple[list[dict], list[dict]]:

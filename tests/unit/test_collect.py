@@ -41,6 +41,7 @@ from producers.collect import (
 from producers.demo_images import DEMO_CLASSES, render_demo_image, render_demo_jpeg
 from producers.image_server import make_image_app
 from producers.xapi import XApiError
+from tests.helpers import run_cli
 
 TOKEN = "tok-very-secret-456"
 CATS_TAG, CATS_WORDS = search_queries("cats")
@@ -514,19 +515,6 @@ def test_collect_refuses_a_missing_token_and_bad_arguments(tmp_path: Path) -> No
 
 
 # CLI --------------------------------------------------------------------------------
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> int:
-    from infra.cli import main
-    from infra.settings import get_settings
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        return main(list(argv))
-    finally:
-        get_settings.cache_clear()
 
 
 def test_cli_collect_writes_one_folder_per_tag(

@@ -21,6 +21,7 @@ from models.pseudo_label import select_top_k
 CLEAN_PER_CLASS = 60
 TOP_K = 40
 FLOOR = 0.3
+COMMON = ("--input-size", "32", "--batch-size", "32", "--opt", "adamw", "--lr", "0.002")
 
 
 def test_select_top_k_ranks_each_class_and_respects_the_floor_and_top_p() -> None:
@@ -73,7 +74,33 @@ def split_digits(tmp_path_factory):
                 truth[str(target)] = label
     (unlabeled / "batch0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (unlabeled / "notes.txt").write_text("not an image")
-    return clean, unlabeled, truth
+    # Copies of three of the teacher's test images (its seeded split, as train makes it):
+    # they must stay out of the student's training set.
+    from torchvision.datasets import ImageFolder
+
+    from models.data import stratified_indices
+
+    folder = ImageFolder(clean)
+    _, _, test = stratified_indices(folder.targets, val_split=0.15, test_split=0.15, seed=0)
+    copies = []
+    for i in test[:3]:
+        copies.append(unlabeled / "batch1" / f"copy_{Path(folder.samples[i][0]).name}")
+        shutil.copy(folder.samples[i][0], copies[-1])
+    return clean, unlabeled, truth, copies
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(split_digits, tmp_path_factory) -> Path:
+    from models.train import main as train_main
+
+    teacher_dir = tmp_path_factory.mktemp("teacher")
+    train_main(
+        parse(
+            "train", "--data", str(split_digits[0]), "--output-dir", str(teacher_dir),
+            "--epochs", "4", "--no-progress", *COMMON,
+        )
+    )  # fmt: skip
+    return teacher_dir / "model_best.pt"
 
 
 def parse(*argv: str):
@@ -82,40 +109,32 @@ def parse(*argv: str):
 
 @pytest.mark.slow
 def test_pseudo_label_selects_top_k_with_the_teachers_labels_then_trains_the_student(
-    split_digits, tmp_path
+    split_digits, teacher_checkpoint, tmp_path
 ) -> None:
     import torch
 
     from models.checkpoint import load_trained
     from models.pseudo_label import main as pseudo_label_main
     from models.pseudo_label import score_images
-    from models.train import main as train_main
 
-    clean, unlabeled, truth = split_digits
-    common = ("--input-size", "32", "--batch-size", "32", "--opt", "adamw", "--lr", "0.002")
-    teacher_dir = tmp_path / "teacher"
-    train_main(
-        parse(
-            "train", "--data", str(clean), "--output-dir", str(teacher_dir), "--epochs", "4",
-            "--no-progress", *common,
-        )
-    )  # fmt: skip
+    clean, unlabeled, truth, copies = split_digits
     out = tmp_path / "pseudo"
     result = pseudo_label_main(
         parse(
-            "pseudo-label", "--teacher", str(teacher_dir / "model_best.pt"),
+            "pseudo-label", "--teacher", str(teacher_checkpoint),
             "--unlabeled", str(unlabeled), "--output-dir", str(out),
             "--top-k", str(TOP_K), "--min-confidence", str(FLOOR),
-            "--epochs", "3", "--finetune-epochs", "2", "--no-progress", *common,
+            "--epochs", "3", "--finetune-epochs", "2", "--no-progress", *COMMON,
         )
     )  # fmt: skip
 
     # The selection: exactly K per class, each image under the teacher's own label.
     selection = json.loads((out / "selection.json").read_text())
-    assert selection["images"] == len(truth) + 1
+    assert selection["images"] == len(truth) + 1 + len(copies)
+    assert sorted(selection["left_out_clean_copies"]) == sorted(map(str, copies))
     assert list(selection["unreadable"]) == [str(unlabeled / "batch0" / "broken.png")]
     train = out / "student_data" / "train"
-    teacher = load_trained(teacher_dir / "model_best.pt")
+    teacher = load_trained(teacher_checkpoint)
     classes = teacher.classes
     # Recompute, independently, what the teacher should have picked: per class, the
     # images it labels so with p >= floor, best first, K of them (fewer if there are fewer).
@@ -167,5 +186,27 @@ def test_unlabeled_folder_must_hold_images(split_digits, tmp_path) -> None:
         list_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     assert list_images(tmp_path / "empty") == []
-    _, unlabeled, truth = split_digits
-    assert len(list_images(unlabeled)) == len(truth) + 1  # the .txt is not listed
+    _, unlabeled, truth, copies = split_digits
+    assert len(list_images(unlabeled)) == len(truth) + 1 + len(copies)  # not the .txt
+
+
+@pytest.mark.slow
+def test_refusals_overlap_and_nothing_confident(split_digits, teacher_checkpoint, tmp_path):
+    from models.pseudo_label import main as pseudo_label_main
+
+    _, unlabeled, _, _ = split_digits
+
+    def run(out: Path, *extra: str):
+        return pseudo_label_main(
+            parse(
+                "pseudo-label", "--teacher", str(teacher_checkpoint), "--unlabeled",
+                str(unlabeled), "--output-dir", str(out), "--no-progress", *extra,
+            )
+        )  # fmt: skip
+
+    # Output inside the unlabeled folder: a second run would score the test images.
+    with pytest.raises(ConfigurationError, match="overlap"):
+        run(unlabeled / "semi")
+    # No probability reaches 1.01: a clear error, not a crash in the student's training.
+    with pytest.raises(ConfigurationError, match="not confident enough"):
+        run(tmp_path / "semi", "--min-confidence", "1.01")

@@ -30,6 +30,7 @@ from producers.xapi import (
     general_rules,
     targeted_rules,
 )
+from tests.helpers import run_cli
 
 TOKEN = "tok-very-secret-123"
 Step = tuple[Any, ...]
@@ -493,19 +494,6 @@ def test_sync_rules_keeps_wanted_deletes_unwanted_adds_missing() -> None:
 
 
 # CLI --------------------------------------------------------------------------------
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> int:
-    from infra.cli import main
-    from infra.settings import get_settings
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        return main(list(argv))
-    finally:
-        get_settings.cache_clear()
 
 
 def test_cli_without_a_token_exits_with_an_error(
