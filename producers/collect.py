@@ -53,12 +53,10 @@ from producers.xapi import (
     HTTP_MAX_S,
     RATE_LIMIT_FIRST_S,
     STREAM_PARAMS,
+    XApiClient,
     XApiError,
     _plural,
     _singular,
-    bearer_headers,
-    redact,
-    require_secret,
     require_token,
 )
 
@@ -244,7 +242,7 @@ class DuplicateIndex:
 # The X API recent search ---------------------------------------------------------------
 
 
-class RecentSearch:
+class RecentSearch(XApiClient):
     """An async client of ``GET /2/tweets/search/recent``, one page per call.
 
     A 429 waits until ``x-rate-limit-reset`` (at most 15 min; from 60 s, doubling, without
@@ -267,8 +265,7 @@ class RecentSearch:
     ) -> None:
         if not 10 <= max_results <= 100:
             raise ConfigurationError(f"max_results must be in 10..100, got {max_results}")
-        self.base_url = base_url.rstrip("/")
-        self._token = require_secret(bearer_token)
+        super().__init__(base_url=base_url, bearer_token=bearer_token)
         self.max_results = max_results
         self._sleep = sleep
         self._wall_clock = wall_clock
@@ -277,26 +274,9 @@ class RecentSearch:
         self.max_rate_limited = max_rate_limited
         self.counters: Counter[str] = Counter()
         self.backoffs: list[float] = []
-        self._session: aiohttp.ClientSession | None = None
 
-    def __repr__(self) -> str:
-        return f"RecentSearch(base_url={self.base_url!r}, bearer_token=SecretStr('**********'))"
-
-    async def __aenter__(self) -> RecentSearch:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self._session
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(timeout=self._timeout)
 
     def _rate_limit_delay(self, reset: str | None, times: int) -> float:
         reset_at = None
@@ -319,7 +299,7 @@ class RecentSearch:
         while True:
             try:
                 async with self._http().get(
-                    self.base_url + SEARCH_PATH, params=params, headers=bearer_headers(self._token)
+                    self.base_url + SEARCH_PATH, params=params, headers=self._headers()
                 ) as resp:
                     status = resp.status
                     text = await resp.text(errors="replace")
@@ -352,8 +332,8 @@ class RecentSearch:
                     if status < 500:
                         # 400/401/403/404 and the rest of 4xx: waiting will not fix them.
                         # Redact before cutting: a cut token would no longer match.
-                        body = redact(text, self._token)[:500]
-                        raise XApiError(redact(f"{where}: HTTP {status}: {body}", self._token))
+                        body = self._redact(text)[:500]
+                        raise XApiError(self._redact(f"{where}: HTTP {status}: {body}"))
                     reason = f"HTTP {status}"
             failures += 1
             if failures >= self.max_attempts:

@@ -126,6 +126,49 @@ def redact(text: str, bearer_token: SecretStr) -> str:
     return text.replace(secret, "**********") if secret else text
 
 
+class XApiClient:
+    """What every X API client here shares: the base URL, the token kept secret (also in
+    the repr), one aiohttp session opened on first use, and `close()` / ``async with``.
+
+    Subclasses say how their session is made (`_new_session`)."""
+
+    def __init__(self, *, base_url: str, bearer_token: SecretStr) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = require_secret(bearer_token)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, "
+            "bearer_token=SecretStr('**********'))"
+        )
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        raise NotImplementedError
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self._new_session()
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return bearer_headers(self._token)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._token)
+
+
 def _plural(word: str) -> str:
     irregular = {"sheep": "sheep", "butterfly": "butterflies", "mouse": "mice"}
     if word in irregular:
@@ -194,7 +237,7 @@ def load_rules(spec: str) -> list[dict[str, str]]:
     return [{"value": r["value"], "tag": str(r.get("tag") or "")} for r in raw]
 
 
-class FilteredStream:
+class FilteredStream(XApiClient):
     """An async client of the X API v2 filtered stream and its rules.
 
     Use as ``async with FilteredStream(...) as stream`` (or call `close()`); the aiohttp
@@ -214,8 +257,7 @@ class FilteredStream:
         connect_timeout_s: float = 10.0,
         max_reconnects: int | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._token = require_secret(bearer_token)
+        super().__init__(base_url=base_url, bearer_token=bearer_token)
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock
@@ -226,36 +268,13 @@ class FilteredStream:
         self.backoffs: list[float] = []
         # Consecutive failures per back-off kind; a kind's count restarts at success.
         self._failures: Counter[str] = Counter()
-        self._session: aiohttp.ClientSession | None = None
 
-    def __repr__(self) -> str:
-        return f"FilteredStream(base_url={self.base_url!r}, bearer_token=SecretStr('**********'))"
-
-    async def __aenter__(self) -> FilteredStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # No total or read timeout: the stream is endless and the keep-alive watchdog
-            # below notices a silent connection.
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s)
-            )
-        return self._session
-
-    def _headers(self) -> dict[str, str]:
-        return bearer_headers(self._token)
-
-    def _redact(self, text: str) -> str:
-        return redact(text, self._token)
+    def _new_session(self) -> aiohttp.ClientSession:
+        # No total or read timeout: the stream is endless and the keep-alive watchdog
+        # below notices a silent connection.
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s)
+        )
 
     # Rules ---------------------------------------------------------------------------
 
