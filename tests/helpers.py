@@ -87,3 +87,16 @@ def run_cli(monkeypatch, env: dict[str, str], *argv: str) -> int:
         return main(list(argv))
     finally:
         get_settings.cache_clear()
+
+
+async def serve_locally(app, *, port: int | None = None, **runner_options):
+    """Start aiohttp `app` on 127.0.0.1 (a free port unless given): (runner, base url)."""
+    from aiohttp import web
+
+    from infra.broker import free_port
+
+    runner = web.AppRunner(app, handle_signals=False, **runner_options)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"

@@ -24,7 +24,6 @@ from aiohttp import web
 from PIL import Image
 from pydantic import SecretStr
 
-from infra.broker import free_port
 from infra.exceptions import ConfigurationError, DecodeImageError
 from infra.settings import Settings
 from producers.collect import (
@@ -41,7 +40,7 @@ from producers.collect import (
 from producers.demo_images import DEMO_CLASSES, render_demo_image, render_demo_jpeg
 from producers.image_server import make_image_app
 from producers.xapi import XApiError
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_locally
 
 TOKEN = "tok-very-secret-456"
 CATS_TAG, CATS_WORDS = search_queries("cats")
@@ -89,11 +88,8 @@ class FakeSearch:
         self.image_base = image_base
         app = web.Application()
         app.router.add_get("/2/tweets/search/recent", self.search)
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        return f"http://127.0.0.1:{port}"
+        self.runner, url = await serve_locally(app)
+        return url
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -179,11 +175,8 @@ class ImageHost:
         app.router.add_get(r"/copy/{cls}/{seed:\d+}.jpg", route(render_demo_jpeg, "image/jpeg"))
         app.router.add_get(r"/reenc/{cls}/{seed:\d+}.jpg", route(reencoded, "image/jpeg"))
         app.router.add_get(r"/png/{cls}/{seed:\d+}.png", route(as_png, "image/png"))
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-        await self.runner.setup()
-        port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        return f"http://127.0.0.1:{port}"
+        self.runner, url = await serve_locally(app, shutdown_timeout=1.0)
+        return url
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -30,7 +30,7 @@ from producers.xapi import (
     general_rules,
     targeted_rules,
 )
-from tests.helpers import run_cli
+from tests.helpers import run_cli, serve_locally
 
 TOKEN = "tok-very-secret-123"
 Step = tuple[Any, ...]
@@ -102,11 +102,8 @@ class FakeXApi:
         app.router.add_get("/2/tweets/search/stream", self.stream)
         app.router.add_get("/2/tweets/search/stream/rules", self.get_rules)
         app.router.add_post("/2/tweets/search/stream/rules", self.post_rules)
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        port = port or free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", port).start()
-        return f"http://127.0.0.1:{port}"
+        self.runner, url = await serve_locally(app, port=port)
+        return url
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -406,12 +403,9 @@ def test_token_is_only_in_the_authorization_header(caplog: pytest.LogCaptureFixt
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", echo_token)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, url = await serve_locally(app)
         try:
-            async with client(f"http://127.0.0.1:{port}") as stream:
+            async with client(url) as stream:
                 for call in (stream.get_rules(), take(stream, 1)):
                     with pytest.raises(XApiError) as raised:
                         await call
