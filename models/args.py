@@ -132,6 +132,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "set (default: 1)",
     )
     parser.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="peak learning rate of the fine-tune (default: --lr for prune, a tenth of it "
+        "for the student on the clean set)",
+    )
+    parser.add_argument(
         "--distill",
         action="store_true",
         help="fine-tune distilled from the unpruned model (default: off)",

@@ -133,7 +133,10 @@ def main(args) -> dict:
         )
         after_pruning = evaluate(model, test_loader)
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            model.parameters(),
+            lr=args.finetune_lr or args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
         )
         criterion = DistillationLoss(teacher) if teacher is not None else nn.CrossEntropyLoss()
         for _ in range(args.finetune_epochs):

@@ -320,6 +320,8 @@ def main(args) -> dict:
             output_dir=str(out / "student_finetuned"),
             weights=str(out / "student" / "model_best.pt"),
             epochs=args.finetune_epochs,
+            # The student already fits; a full-size step would undo what it learned.
+            lr=args.finetune_lr or args.lr / 10,
             **common,
         )
     )
