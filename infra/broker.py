@@ -8,6 +8,7 @@ transactions never make records readable, so nothing in tagstream uses them.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -58,6 +59,20 @@ def wait_for_metadata(bootstrap: str, *, timeout_s: float = 20.0) -> None:
     raise BrokerError(f"broker at {bootstrap} did not answer within {timeout_s:.0f} s: {last}")
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: ask Linux to SIGTERM it when its parent dies (no orphans).
+
+    Linux sends it when the *thread* that started the child ends: start long-lived
+    children from the main thread.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stopping it explicitly is the only guard
+        pass
+
+
 class EmbeddedBroker:
     """A tansu broker process on loopback; a context manager that stops it on exit."""
 
@@ -97,7 +112,15 @@ class EmbeddedBroker:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         out = self._log_file or subprocess.DEVNULL
-        self._process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C in the terminal reaches our process, which stops
+            # the clients first and the broker last, so they can flush and commit.
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         try:
             wait_for_metadata(self.bootstrap, timeout_s=timeout_s)
         except BrokerError as exc:

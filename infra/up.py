@@ -16,20 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from infra.broker import EmbeddedBroker, free_port
+from infra.broker import EmbeddedBroker, die_with_parent, free_port
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM us when our parent dies (no orphans)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: stop_all() is the only guard
-        pass
 
 
 class ProcessGroup:
@@ -53,7 +43,7 @@ class ProcessGroup:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # our Ctrl-C handling, not the terminal's, stops children
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.processes[name] = process
         log.info("started %s (pid %d)", name, process.pid)
