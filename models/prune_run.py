@@ -193,6 +193,37 @@ def main(args) -> dict:
             f"| {row['onnx_bytes'] / 1e6:.1f} "
             f"| {row['images_per_s']:.1f} | {row['images_per_s'] / rows[0]['images_per_s']:.2f} |"
         )
+    lines += ["", "![accuracy and speed-up per round](prune_report.png)"]
     (out / "prune_report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(rows) - 2 :]))
+    _plot(rows, out / "prune_report.png", args)
+    print("\n".join(lines[-len(rows) - 4 : -2]))
     return {"rows": rows, "report": str(out / "prune_report.md")}
+
+
+def _plot(rows: list[dict], path: Path, args) -> Path:
+    """Accuracy after pruning and after fine-tuning against channel sparsity, each round
+    labelled with its ONNX Runtime speed-up."""
+    from models.plots import line_chart_png
+
+    base = rows[0]
+    after_finetune = [(r["sparsity"], 100 * r["acc_after_finetune"]) for r in rows]
+    after_pruning = [(r["sparsity"], 100 * r["acc_after_pruning"]) for r in rows[1:]]
+    series = {"after fine-tune": after_finetune}
+    if after_pruning:
+        series["right after pruning"] = [after_finetune[0], *after_pruning]
+    notes = [
+        (
+            r["sparsity"],
+            100 * r["acc_after_finetune"],
+            f"{r['images_per_s'] / base['images_per_s']:.2f}x",
+        )
+        for r in rows
+    ]
+    return line_chart_png(
+        series,
+        path,
+        title=f"APoZ pruning ({args.prune_rule}): test accuracy and ONNX Runtime speed-up",
+        x_label="channel sparsity of the prunable convolutions",
+        y_label="test accuracy (%)",
+        notes=notes,
+    )

@@ -162,6 +162,8 @@ def test_prune_rounds_shrink_and_report(trained, tmp_path) -> None:
     assert pruned["acc_after_finetune"] >= 0.5  # fine-tuning keeps it far above chance
     report = (tmp_path / "prune_report.md").read_text()
     assert "| 1 |" in report and "acc. after fine-tune" in report
+    png = (tmp_path / "prune_report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     import torch
 
     saved = torch.load(tmp_path / "pruned_round1.pt", map_location="cpu", weights_only=False)
