@@ -247,31 +247,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(get_settings(), images=args.images)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import main as train_main
-
-    train_main(args)
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from models.export import main as export_main
-
-    export_main(args)
-    return 0
-
-
-def cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from models.pseudo_label import main as pseudo_label_main
-
-    pseudo_label_main(args)
-    return 0
+#: The model commands: name, the module whose ``main(args)`` runs it, and its help. They
+#: share one parser (models/args.py), as torchvision's references do.
+MODEL_COMMANDS = (
+    ("train", "models.train", "fine-tune ResNet50 on an ImageFolder"),
+    (
+        "pseudo-label",
+        "models.pseudo_label",
+        "teacher/student: label unlabeled images with a teacher, train a student on them",
+    ),
+    ("export", "models.export", "export a checkpoint to ONNX (fp32, fp16, int8) with its manifest"),
+    ("prune", "models.prune_run", "iterative APoZ pruning with fine-tuning, and its report"),
+)
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from models.prune_run import main as prune_main
+def cmd_model(args: argparse.Namespace) -> int:
+    """Run a model command's ``main``; imported only now, so torch stays out of --help."""
+    import importlib
 
-    prune_main(args)
+    importlib.import_module(args.model_module).main(args)
     return 0
 
 
@@ -404,24 +398,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     from models.args import get_args_parser as model_args
 
-    commands.add_parser(
-        "train", parents=[model_args(add_help=False)], help="fine-tune ResNet50 on an ImageFolder"
-    ).set_defaults(func=cmd_train)
-    commands.add_parser(
-        "pseudo-label",
-        parents=[model_args(add_help=False)],
-        help="teacher/student: label unlabeled images with a teacher, train a student on them",
-    ).set_defaults(func=cmd_pseudo_label)
-    commands.add_parser(
-        "export",
-        parents=[model_args(add_help=False)],
-        help="export a checkpoint to ONNX (fp32, fp16, int8) with its manifest",
-    ).set_defaults(func=cmd_export)
-    commands.add_parser(
-        "prune",
-        parents=[model_args(add_help=False)],
-        help="iterative APoZ pruning with fine-tuning, and its report",
-    ).set_defaults(func=cmd_prune)
+    for name, module, text in MODEL_COMMANDS:
+        commands.add_parser(name, parents=[model_args(add_help=False)], help=text).set_defaults(
+            func=cmd_model, model_module=module
+        )
 
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
