@@ -27,7 +27,7 @@ import torch
 
 from models.export import export_onnx
 from models.manifest import Manifest, file_sha256
-from models.presets import ServingPreset
+from models.presets import IMAGENET_MEAN, IMAGENET_STD, ServingPreset
 from models.prune import count_flops, count_params, prune_round
 from models.quantize import make_variant
 from models.resnet import build_resnet50
@@ -55,8 +55,8 @@ def _save_with_manifest(model: torch.nn.Module, folder: Path, input_size: int) -
         thresholds=dict.fromkeys(classes, 0.5),
         input_size=input_size,
         resize_size=input_size,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
         file="model.onnx",
         sha256=file_sha256(folder / "model.onnx"),
     ).save(folder)
@@ -121,18 +121,21 @@ def digits_accuracy(
     pruned_ckpt = workdir / "pruned" / "pruned_round1.pt"
     dense = load_trained(dense_ckpt)
     test = dense.splits.test
-    images = np.stack([test[i][0].numpy() for i in range(len(test))])
-    labels = np.array([test[i][1] for i in range(len(test))])
+    pairs = [test[i] for i in range(len(test))]
+    images = np.stack([image.numpy() for image, _ in pairs])
+    labels = np.array([label for _, label in pairs])
     accuracy = {}
     for label, checkpoint in (("dense", dense_ckpt), ("pruned", pruned_ckpt)):
-        for precision in ("fp32", "int8"):
-            folder = workdir / "onnx" / f"{label}-{precision}"
-            export_main(
-                parse(
-                    "export", "--checkpoint", str(checkpoint), "--output-dir", str(folder),
-                    "--precision", precision, "--calibration-images", "256",
-                )
-            )  # fmt: skip
+        # One export: an INT8 export writes its FP32 parent beside it, as <dir>-fp32.
+        int8 = workdir / "onnx" / f"{label}-int8"
+        export_main(
+            parse(
+                "export", "--checkpoint", str(checkpoint), "--output-dir", str(int8),
+                "--precision", "int8", "--calibration-images", "256",
+            )
+        )  # fmt: skip
+        fp32 = int8.with_name(int8.name + "-fp32")
+        for precision, folder in (("fp32", fp32), ("int8", int8)):
             predicted = OnnxClassifier(folder).probabilities(images).argmax(1)
             name = f"{label} {precision.upper()}"
             accuracy[name] = float((predicted == labels).mean())
@@ -185,6 +188,7 @@ def model_table(
         batch = images[:batch_size]
         rows = []
         for label, model in (("dense", dense), ("pruned", pruned)):
+            params, macs = count_params(model), count_flops(model, input_size)
             fp32 = _save_with_manifest(model, root / f"{label}-fp32", input_size)
             int8 = root / f"{label}-int8"
             make_variant(fp32, int8, "int8", calibration=calibration)
@@ -193,8 +197,8 @@ def model_table(
                 rows.append(
                     ModelRow(
                         name,
-                        count_params(model),
-                        count_flops(model, input_size),
+                        params,
+                        macs,
                         (folder / "model.onnx").stat().st_size,
                         _throughput(folder, batch, repeats),
                         scores.get(name),

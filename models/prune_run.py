@@ -82,19 +82,17 @@ def onnx_throughput(
 def main(args) -> dict:
     from models.checkpoint import load_trained
     from models.prune import (
-        channel_sparsity,
         count_flops,
         count_params,
         prune_round,
         pruned_widths,
     )
-    from models.resnet import build_resnet50
     from models.train import evaluate, train_one_epoch
 
     if not args.checkpoint:
         raise ConfigurationError("--checkpoint is required")
     loaded = load_trained(args.checkpoint, data=args.data, augment=True)
-    checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes
+    checkpoint, trained = loaded.checkpoint, loaded.args
     model, splits = loaded.model, loaded.splits
     teacher = copy.deepcopy(model).eval() if args.distill else None
     loader = torch.utils.data.DataLoader
@@ -121,7 +119,6 @@ def main(args) -> dict:
     }
     rows = [base]
     print(f"round 0: test acc {base['acc_after_finetune']:.4f}, {rate:.1f} img/s", flush=True)
-    stock = pruned_widths(build_resnet50(len(classes)))
     for round_index in range(1, args.rounds + 1):
         report = prune_round(
             model,
@@ -147,9 +144,10 @@ def main(args) -> dict:
             "round": round_index,
             "acc_after_pruning": after_pruning,
             "acc_after_finetune": after_finetune,
-            "sparsity": channel_sparsity(stock, model),
-            "params": count_params(model),
-            "macs": count_flops(model, bench_size),
+            # Fine-tuning changes no layer's shape: the round's counts still hold.
+            "sparsity": report.sparsity,
+            "params": report.params_after,
+            "macs": report.flops_after,
             "onnx_bytes": onnx_bytes,
             "images_per_s": rate,
             "removed": report.removed,

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from infra.exceptions import ConfigurationError
+from models.manifest import file_sha256
 
 #: What counts as an image under --unlabeled: what torchvision's ImageFolder reads.
 IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)
@@ -170,10 +170,6 @@ def write_student_folder(
     return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def drop_clean_images(paths: list[Path], clean: list[Path]) -> tuple[list[Path], list[Path]]:
     """(paths without the teacher's validation and test images, the ones dropped).
 
@@ -182,10 +178,10 @@ def drop_clean_images(paths: list[Path], clean: list[Path]) -> tuple[list[Path],
     The same file (resolved path) or the same bytes (SHA-256) counts as a copy.
     """
     resolved = {p.resolve() for p in clean}
-    digests = {_sha256(p) for p in clean}
+    digests = {file_sha256(p) for p in clean}
     kept, dropped = [], []
     for path in paths:
-        same = path.resolve() in resolved or _sha256(path) in digests
+        same = path.resolve() in resolved or file_sha256(path) in digests
         (dropped if same else kept).append(path)
     return kept, dropped
 
@@ -244,7 +240,7 @@ def main(args) -> dict:
     if not scored:
         raise ConfigurationError(f"none of the {len(paths)} images under {unlabeled} decodes")
     selection = select_top_k(
-        probabilities.reshape(len(scored), len(classes)),
+        probabilities,
         top_k=args.top_k,
         min_confidence=args.min_confidence,
         top_p=args.top_p,

@@ -12,7 +12,6 @@ the inference consumer loads any of the three from the manifest alone.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,8 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from models.manifest import Manifest, file_sha256
-
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

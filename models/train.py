@@ -18,18 +18,30 @@ def train_one_epoch(
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     progress=None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; the scheduler (if any) steps per batch. Returns loss and accuracy."""
+    """One pass over `loader`; the scheduler (if any) steps per batch. Returns loss and accuracy.
+
+    With a CUDA `scaler`: mixed precision, autocast for the forward pass and the scaler for
+    the gradients (it skips the steps whose gradients overflow, so a non-finite FP16 loss
+    is not an error then).
+    """
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
     for images, targets in loader:
-        output = model(images)
-        loss = criterion(output, targets)
-        if not math.isfinite(loss.item()):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
+            output = model(images)
+            loss = criterion(output, targets)
+        if scaler is None and not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         seen += len(targets)
@@ -45,11 +57,12 @@ def train_one_epoch(
 def predict(
     model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels for everything in `loader`."""
+    """Softmax probabilities and labels for everything in `loader`, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     probabilities, labels = [], []
     for images, targets in loader:
-        probabilities.append(torch.softmax(model(images), dim=1).numpy())
+        probabilities.append(torch.softmax(model(images.to(device)), dim=1).cpu().numpy())
         labels.append(targets.numpy())
     return np.concatenate(probabilities), np.concatenate(labels)
 
@@ -158,10 +171,16 @@ def main(args) -> dict:
             unit="img",
             disable=args.no_progress,
         ) as bar:
-            stats = _train_epoch(
-                model, criterion, optimizer, on_device(train_loader), scheduler, bar, scaler
+            stats = train_one_epoch(
+                model,
+                criterion,
+                optimizer,
+                on_device(train_loader),
+                scheduler=scheduler,
+                progress=bar,
+                scaler=scaler,
             )
-        val_acc = _eval_on(model, val_loader, device)
+        val_acc = evaluate(model, val_loader)
         history.append(
             {
                 "epoch": epoch,
@@ -226,38 +245,3 @@ def _plain(args: dict) -> dict:
     """The arguments a checkpoint keeps: plain values only (not the CLI's handler function),
     so that ``torch.load(weights_only=True)`` can read the checkpoint back."""
     return {k: v for k, v in args.items() if v is None or isinstance(v, str | int | float | bool)}
-
-
-def _train_epoch(model, criterion, optimizer, loader, scheduler, bar, scaler) -> dict[str, float]:
-    if scaler is None:
-        return train_one_epoch(
-            model, criterion, optimizer, loader, scheduler=scheduler, progress=bar
-        )
-    # Mixed precision on CUDA: autocast for the forward pass, the scaler for the gradients.
-    model.train()
-    seen, correct, loss_sum = 0, 0, 0.0
-    for images, targets in loader:
-        with torch.autocast("cuda", dtype=torch.float16):
-            output = model(images)
-            loss = criterion(output, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        seen += len(targets)
-        correct += int((output.argmax(1) == targets).sum())
-        loss_sum += loss.item() * len(targets)
-        bar.update(len(targets))
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1)}
-
-
-@torch.no_grad()
-def _eval_on(model, loader, device) -> float:
-    model.eval()
-    correct = seen = 0
-    for images, targets in loader:
-        output = model(images.to(device))
-        correct += int((output.argmax(1).cpu() == targets).sum())
-        seen += len(targets)
-    return correct / max(seen, 1)

@@ -40,7 +40,7 @@ def _batch(n: int = 16, seed: int = 0) -> np.ndarray:
 
 def test_amp_training_step_on_cuda_learns_a_fixed_batch() -> None:
     _need_torch_cuda()
-    from models.train import _train_epoch
+    from models.train import train_one_epoch
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -51,16 +51,12 @@ def test_amp_training_step_on_cuda_learns_a_fixed_batch() -> None:
     targets = (torch.arange(16) % 4).to(device)
     before = model.fc.weight.detach().clone()
 
-    class Bar:
-        def update(self, n: int) -> None:
-            pass
-
     scaler = torch.amp.GradScaler("cuda")
     losses = []
     for _ in range(8):
-        stats = _train_epoch(
-            model, torch.nn.CrossEntropyLoss(), optimizer, [(images, targets)], scheduler,
-            Bar(), scaler,
+        stats = train_one_epoch(
+            model, torch.nn.CrossEntropyLoss(), optimizer, [(images, targets)],
+            scheduler=scheduler, scaler=scaler,
         )  # fmt: skip
         losses.append(stats["loss"])
     print(f"\nAMP losses on one batch: {[round(x, 3) for x in losses]}")
