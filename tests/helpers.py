@@ -100,3 +100,13 @@ async def serve_locally(app, *, port: int | None = None, **runner_options):
     port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
+
+
+class Sleeps:
+    """A no-op sleep that records the delays asked for."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)

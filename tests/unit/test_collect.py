@@ -40,7 +40,7 @@ from producers.collect import (
 from producers.demo_images import DEMO_CLASSES, render_demo_image, render_demo_jpeg
 from producers.image_server import make_image_app
 from producers.xapi import XApiError
-from tests.helpers import run_cli, serve_locally
+from tests.helpers import Sleeps, run_cli, serve_locally
 
 TOKEN = "tok-very-secret-456"
 CATS_TAG, CATS_WORDS = search_queries("cats")
@@ -181,16 +181,6 @@ class ImageHost:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-
-
-class Sleeps:
-    """A no-op sleep that records the delays asked for."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
 
 
 def settings_for(x_base: str, **overrides: Any) -> Settings:

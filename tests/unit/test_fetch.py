@@ -17,16 +17,7 @@ from infra.exceptions import RejectedFetchError, TransientFetchError
 from processors.fetch import FetchedImage, ImageFetcher, sniff_image_type
 from producers.demo_images import render_demo_jpeg
 from producers.image_server import HUGE_BYTES_SENT, start_image_server
-
-
-class Sleeps:
-    """A no-op sleep that records the delays asked for."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
+from tests.helpers import Sleeps
 
 
 def fetcher(**overrides: Any) -> ImageFetcher:

@@ -52,7 +52,7 @@ def test_select_top_k_ranks_each_class_and_respects_the_floor_and_top_p() -> Non
 @pytest.fixture(scope="module")
 def split_digits(tmp_path_factory):
     """clean/digitN/ (60 each) and unlabeled/ (the rest, unnamed), and the rest's truth."""
-    from tests.helpers_digits import write_digits_folder
+    from models.data import write_digits_folder
 
     root = tmp_path_factory.mktemp("pseudo")
     everything = write_digits_folder(root / "all")

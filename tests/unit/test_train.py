@@ -7,8 +7,8 @@ import json
 import pytest
 
 from infra.cli import get_args_parser
+from models.data import write_digits_folder
 from models.train import main as train_main
-from tests.helpers_digits import write_digits_folder
 
 pytestmark = pytest.mark.slow
 

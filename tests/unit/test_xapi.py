@@ -30,7 +30,7 @@ from producers.xapi import (
     general_rules,
     targeted_rules,
 )
-from tests.helpers import run_cli, serve_locally
+from tests.helpers import Sleeps, run_cli, serve_locally
 
 TOKEN = "tok-very-secret-123"
 Step = tuple[Any, ...]
@@ -171,16 +171,6 @@ class FakeXApi:
                 return response
         await response.write_eof()
         return response
-
-
-class Sleeps:
-    """A no-op sleep that records the delays asked for."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
 
 
 def with_fake(fake: FakeXApi, body: Callable[[str], Awaitable[None]]) -> None:
