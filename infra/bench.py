@@ -70,7 +70,7 @@ def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figur
     """
     from confluent_kafka import Producer
 
-    from infra.kafka import producer_config
+    from infra.kafka import produce, producer_config
     from infra.topics import ensure_topics
     from processors.inference import InferenceConsumer
     from schemas.codec import Codec
@@ -82,8 +82,7 @@ def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figur
     topic = settings.topic("images")
     for i, data in enumerate(images):
         value = codec.encode("ImageEvent", _image_event(i, data), topic=topic)
-        producer.produce(topic, key=str(i).encode(), value=value)
-        producer.poll(0)
+        produce(producer, topic, key=str(i).encode(), value=value, on_delivery=None)
     producer.flush(30)
 
     consumer = InferenceConsumer(settings, classifier)
@@ -243,9 +242,7 @@ def run_bench(settings: Settings, *, images: int = 512) -> int:
     runner, base = asyncio.run_coroutine_threadsafe(start_image_server(), loop).result(30)
     try:
         urls = [f"{base}/img/{name}/{seed}.jpg" for name, seed in picks[:256]]
-        for url in urls[:4]:  # the server renders on first request: warm its cache for both
-            urllib.request.urlopen(url, timeout=5).read()
-        for url in urls:
+        for url in urls:  # the server renders on first request: warm its cache for both
             urllib.request.urlopen(url, timeout=5).read()
         ours, seed = bench_fetch_paths(classifier, Path(model_dir) / "checkpoint.pt", urls, batch)
     finally:

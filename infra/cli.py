@@ -84,7 +84,12 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
 
 def _no_bearer_token(settings, endpoint: str) -> bool:
     """True (after saying so) when the X API bearer token is not configured."""
-    if settings.x_bearer_token is None or not settings.x_bearer_token.get_secret_value():
+    from infra.exceptions import ConfigurationError
+    from producers.xapi import require_token
+
+    try:
+        require_token(settings)
+    except ConfigurationError:
         print(
             f"error: TAGSTREAM_X_BEARER_TOKEN is not set; the X API {endpoint} needs an "
             "app bearer token",

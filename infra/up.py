@@ -93,18 +93,14 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **overrides}
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def up(settings: Settings, *, rate: float, count: int, open_ports: bool = True) -> int:
     from infra.topics import ensure_topics
     from models.demo import ensure_demo_model
 
     # Explicit handlers: a process started in the background inherits SIGINT ignored,
     # and `docker stop`, systemd and `kill` send SIGTERM; either must stop everything.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # raises KeyboardInterrupt
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     broker: EmbeddedBroker | None = None
     log_dir = settings.data_dir / "logs"

@@ -61,8 +61,12 @@ class InferenceStats:
     busy_s: float = 0.0
     decode_s: float = 0.0
     infer_s: float = 0.0
-    deliver_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def deliver_s(self) -> float:
+        """Busy time not spent decoding or in ONNX Runtime: produce, flush and commit."""
+        return self.busy_s - self.decode_s - self.infer_s
 
     @property
     def images_per_busy_s(self) -> float:
@@ -240,10 +244,8 @@ class InferenceConsumer:
         )
         self.stats.images += len(ready)
         self.stats.batches += 1
-        finished = time.monotonic()
-        self.stats.busy_s += finished - started
+        self.stats.busy_s += time.monotonic() - started
         self.stats.decode_s += decoded - started
-        self.stats.deliver_s = self.stats.busy_s - self.stats.decode_s - self.stats.infer_s
         self._report_images += len(ready)
         self._report_batches += 1
         return len(ready)

@@ -74,7 +74,6 @@ class StreamArchive:
         self._written = 0
         #: Final paths of the files closed so far, in order.
         self.closed_files: list[Path] = []
-        self.lines = 0
 
     def __enter__(self) -> StreamArchive:
         return self
@@ -105,7 +104,6 @@ class StreamArchive:
         assert self._file is not None
         self._file.write(data)
         self._written += len(data)
-        self.lines += 1
 
     def close(self) -> None:
         """Close the open file, if any, and give it its final name."""

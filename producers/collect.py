@@ -49,15 +49,13 @@ from infra.settings import Settings
 from processors.fetch import ImageFetcher
 from producers.tweets import photos, tweet_from_stream_line
 from producers.xapi import (
-    HTTP_FIRST_S,
-    HTTP_MAX_S,
     RATE_LIMIT_FIRST_S,
     STREAM_PARAMS,
     XApiClient,
     XApiError,
-    _plural,
-    _singular,
+    http_backoff,
     require_token,
+    tag_words,
 )
 
 log = logging.getLogger(__name__)
@@ -115,8 +113,7 @@ def search_queries(tag: str) -> list[str]:
     ``cats`` gives ``#cats has:images -is:retweet`` then ``(cat OR cats) has:images
     -is:retweet``; ``sheep`` gives ``sheep has:images -is:retweet`` as its second.
     """
-    one = _singular(tag)
-    words = list(dict.fromkeys([one, _plural(one)]))
+    words = tag_words(tag)
     keywords = words[0] if len(words) == 1 else f"({' OR '.join(words)})"
     return [f"#{tag} has:images -is:retweet", f"{keywords} has:images -is:retweet"]
 
@@ -339,7 +336,7 @@ class RecentSearch(XApiClient):
             if failures >= self.max_attempts:
                 # `reason` is a status or an exception type: nothing echoed back.
                 raise XApiError(f"{where}: gave up after {failures} attempts; last: {reason}")
-            delay = min(HTTP_FIRST_S * 2 ** (failures - 1), HTTP_MAX_S)
+            delay = http_backoff(failures)
             self.backoffs.append(delay)
             log.warning("X search: %s; retrying in %.0f s", reason, delay)
             await self._sleep(delay)

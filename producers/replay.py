@@ -210,7 +210,7 @@ def _topic_items(
     """
     from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-    from infra.kafka import client_config
+    from infra.kafka import consumer_config
     from schemas.codec import Codec
 
     codec = Codec.from_settings(settings)
@@ -218,19 +218,17 @@ def _topic_items(
     stop_ms = _ms(stop) if isinstance(stop, datetime) else None
     # No group: assign() reads from given offsets and nothing is ever committed.
     consumer = Consumer(
-        client_config(settings)
-        | {
-            "group.id": f"tagstream-replay-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": settings.fetch_wait_max_ms,
-            "fetch.message.max.bytes": 16_000_000,
-            # The end of a partition is where a fetch says it is: tansu's ListOffsets
-            # high watermark lags behind (measured), a fetch response's does not.
-            "enable.partition.eof": True,
-            # A start past the end reads nothing rather than the whole partition.
-            "auto.offset.reset": "latest",
-        }
+        consumer_config(
+            settings,
+            f"tagstream-replay-{uuid.uuid4().hex[:8]}",
+            **{
+                # The end of a partition is where a fetch says it is: tansu's ListOffsets
+                # high watermark lags behind (measured), a fetch response's does not.
+                "enable.partition.eof": True,
+                # A start past the end reads nothing rather than the whole partition.
+                "auto.offset.reset": "latest",
+            },
+        )
     )
     try:
         try:

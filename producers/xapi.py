@@ -181,6 +181,18 @@ def _singular(name: str) -> str:
     return name[:-1] if name.endswith("s") and not name.endswith("ss") else name
 
 
+def tag_words(name: str) -> list[str]:
+    """The singular and plural of a class or tag name, in that order, without repeats
+    (``cats`` and ``cat`` both give ``["cat", "cats"]``; ``sheep`` gives ``["sheep"]``)."""
+    one = _singular(name)
+    return list(dict.fromkeys([one, _plural(one)]))
+
+
+def http_backoff(failures: int) -> float:
+    """The documented delay after the n-th HTTP error in a row: 5 s, doubling, up to 320 s."""
+    return min(HTTP_FIRST_S * 2 ** (failures - 1), HTTP_MAX_S)
+
+
 def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]:
     """One rule per class, tagged with the class name, for original tweets with images.
 
@@ -193,8 +205,7 @@ def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]
         classes = [c for c in DEMO_CLASSES if c != "others"]
     rules = []
     for name in classes:
-        one = _singular(name)
-        words = dict.fromkeys([one, _plural(one), f"#{one}"])  # ordered, no repeats (sheep)
+        words = [*tag_words(name), f"#{_singular(name)}"]
         rules.append({"value": f"({' OR '.join(words)}) has:images -is:retweet", "tag": name})
     return rules
 
@@ -379,7 +390,7 @@ class FilteredStream(XApiClient):
                 delay = max(delay, min(until_reset, RATE_LIMIT_RESET_MAX_S))
             return delay
         # "http" and "stream_error"
-        return min(HTTP_FIRST_S * 2 ** (n - 1), HTTP_MAX_S)
+        return http_backoff(n)
 
     async def stream_lines(self) -> AsyncIterator[dict[str, Any] | MalformedLine]:
         """Stream lines, parsed, for as long as the caller reads; reconnects as documented.
