@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     agent_max_in_flight: int = Field(
         256, ge=1, description="tweets the Faust agent works on at once (its backpressure)"
     )
+    agent_max_unacked: int = Field(
+        4096,
+        ge=1,
+        description="finished tweets the Faust agent holds while an earlier one on their "
+        "partition is still in flight (acks go in offset order)",
+    )
 
     # Inference -----------------------------------------------------------------
     batch_max_size: int = Field(32, ge=1)

@@ -1,10 +1,19 @@
 """The shedding and fetch stage: `tweets` in; `images`, `tweets.shed` and `deadletter` out.
 
-Delivery guarantee: at-least-once. Each tweet is handled in a task of its own
-and acked only once every record it produced has been delivered; Faust commits
-only the contiguous acked offsets. A crash in between re-delivers the tweet:
-ImageEvents are keyed by media key and results by tweet id, so downstream sees
-harmless duplicates, never gaps.
+Delivery guarantee: at-least-once, and this module owns it rather than Faust:
+- each tweet is handled in a task of its own, and its task ends only once every record
+  it produced (image events, a shed record or dead letters) has been delivered;
+- a tweet is acked to Faust only when its task and the tasks of every tweet consumed
+  before it on the same partition have ended (`processors.ack_window.InOrderAcks`), so
+  the acked offsets Faust commits from are always one contiguous run and the committed
+  offset never passes a tweet still in flight. Faust's own handling of out-of-order
+  acks is not relied on (faust-streaming issue #606 commits past a record in flight);
+- a crash at any moment re-delivers every tweet after the committed offset: ImageEvents
+  are keyed by media key and results by tweet id, so downstream sees harmless
+  duplicates, never gaps.
+In-flight work is bounded by `agent_max_in_flight` (released as each tweet finishes, so
+a slow photo does not hold up the tweets behind it: their work proceeds, only their acks
+wait) and the finished-but-unacked tweets by `agent_max_unacked`.
 
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each
 photo then a result or a dead letter downstream), a ShedRecord (`no_photo`,
@@ -19,6 +28,7 @@ from dataclasses import dataclass
 
 from infra.exceptions import CodecError, FetchError
 from infra.settings import Settings
+from processors.ack_window import InOrderAcks
 from processors.admission import AdmissionController
 from producers.tweets import photos
 from schemas.codec import Codec
@@ -180,13 +190,32 @@ def register_agent(app, settings: Settings) -> None:
     @app.agent(tweets, name="shed_and_fetch")
     async def shed_and_fetch(stream):
         # One tweet's slow photo must not hold the tweets behind it: each tweet is a
-        # task, acked when its records are delivered. Faust commits only the contiguous
-        # acked offsets, so out-of-order acks keep at-least-once. The semaphore bounds
-        # the tweets in flight, which is the agent's backpressure on the consumer.
+        # task. Its ack goes through the in-order window (see the module docstring);
+        # the semaphore bounds the work in flight, the window the acks waiting.
         in_flight = asyncio.Semaphore(settings.agent_max_in_flight)
+        acks = InOrderAcks(max_unacked=settings.agent_max_unacked)
         tasks: set[asyncio.Task] = set()
 
-        async def handle(stage: ShedAndFetch, event) -> None:
+        async def deliver(outgoing: list[Outgoing], source: SourceRecord) -> None:
+            # A tweet is never acked undelivered, and never given up on: a broker that is
+            # away is waited for (the records are keyed, so a resend is harmless).
+            delay = 0.5
+            while True:
+                try:
+                    sends = [
+                        await by_full_name[o.topic].send(key=o.key, value=o.value) for o in outgoing
+                    ]
+                    await asyncio.gather(*sends)
+                    return
+                except Exception as exc:
+                    log.warning(
+                        "could not deliver the output of %s[%d]@%d (%s); retrying in %.1f s",
+                        source.topic, source.partition, source.offset, exc, delay,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+        async def handle(stage: ShedAndFetch, event, pending) -> None:
             try:
                 message = event.message
                 source = SourceRecord(
@@ -201,11 +230,10 @@ def register_agent(app, settings: Settings) -> None:
                             source, "shed_and_fetch", exc, payload=source.value
                         )
                     ]
-                pending = [
-                    await by_full_name[o.topic].send(key=o.key, value=o.value) for o in outgoing
-                ]
-                await asyncio.gather(*pending)
-                event.ack()
+                await deliver(outgoing, source)
+                # Delivered: the tweet is finished. Only then may it (and the finished
+                # tweets after it on its partition) be acked.
+                acks.finish(pending)
             finally:
                 in_flight.release()
 
@@ -215,8 +243,11 @@ def register_agent(app, settings: Settings) -> None:
             )
             try:
                 async for event in stream.noack().events():
+                    await acks.reserve()
                     await in_flight.acquire()
-                    task = asyncio.create_task(handle(stage, event))
+                    # Tracked in consumption order, which is offset order per partition.
+                    pending = acks.track(event.message.tp, event.ack)
+                    task = asyncio.create_task(handle(stage, event, pending))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             finally:
