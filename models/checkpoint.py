@@ -36,8 +36,8 @@ def load_trained(path: str | Path, *, data: str | None = None, augment: bool = F
     The training split gets the training augmentation with `augment` (to fine-tune),
     else the serving preset like the other splits (to calibrate).
     """
+    from models.apoz import build_pruned_resnet50
     from models.presets import TrainPreset
-    from models.prune import build_pruned_resnet50
     from models.resnet import build_resnet50
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

@@ -1,7 +1,7 @@
 """The demo model: ResNet50 trained by our own pipeline on generated images of the demo classes.
 
 `tagstream up` and the test suite need a model on a machine with no model hub:
-the first call trains one on images from producers.demo_images (the same
+the first call trains one on images from infra.demo_images (the same
 generator the demo image server draws from), at a reduced input size so that
 it takes minutes on two CPU cores, exports it to ONNX, checks the export, and
 caches it under `<data_dir>/models/`. Later calls find it there.
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from infra.demo_images import DEMO_CLASSES, render_demo_jpeg
 from models.manifest import MANIFEST_NAME, Manifest, file_sha256
 from models.presets import ServingPreset, TrainPreset
-from producers.demo_images import DEMO_CLASSES, render_demo_jpeg
 
 log = logging.getLogger(__name__)
 

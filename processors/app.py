@@ -1,6 +1,6 @@
 """The Faust app of tagstream: `faust -A processors worker` runs it.
 
-Its one agent, `shed_and_fetch` (processors/shedding.py), reads `tweets`.
+Its one agent, `shed_and_fetch` (processors/shed_and_fetch.py), reads `tweets`.
 Configuration comes from the settings object, like every other process.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import faust
 
 from infra.settings import Settings, get_settings
-from processors.shedding import register_agent
+from processors.shed_and_fetch import register_agent
 
 
 def faust_broker_urls(bootstrap: str) -> list[str]:

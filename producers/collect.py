@@ -45,8 +45,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from infra.exceptions import CodecError, ConfigurationError, DecodeImageError, FetchError
+from infra.fetcher import ImageFetcher
 from infra.settings import Settings
-from processors.fetch import ImageFetcher
 from producers.tweets import photos, tweet_from_stream_line
 from producers.xapi import (
     RATE_LIMIT_FIRST_S,

@@ -2,7 +2,7 @@
 
 Without an X API token the demo still needs tweets: `SyntheticTweets.line(n)` returns the
 n-th stream line, deterministically, whose photos live on the demo image server
-(`producers.image_server`), so the class of every good photo is known from its URL. The
+(`infra.image_server`), so the class of every good photo is known from its URL. The
 mix covers what the pipeline must cope with: one or several photos, videos and GIFs that
 are not fetched, tweets without media, and photos that fail on purpose (404, slow, HTML,
 huge, corrupt). Texts carry markup and ampersands to exercise escaping downstream.
@@ -15,7 +15,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from producers.demo_images import DEMO_CLASSES
+from infra.demo_images import DEMO_CLASSES
 
 #: Every kind of line `SyntheticTweets.kind` may return.
 KINDS: tuple[str, ...] = (

@@ -200,7 +200,7 @@ def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]
     are the demo model's, less ``others`` (which names no animal to look for).
     """
     if classes is None:
-        from producers.demo_images import DEMO_CLASSES
+        from infra.demo_images import DEMO_CLASSES
 
         classes = [c for c in DEMO_CLASSES if c != "others"]
     rules = []

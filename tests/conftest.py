@@ -58,7 +58,7 @@ def make_settings(broker: str, tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def image_server() -> Iterator[str]:
     """The demo image server on a free loopback port; yields its base URL."""
-    from producers.image_server import start_image_server
+    from infra.image_server import start_image_server
 
     background = BackgroundLoop()
     runner, url = background.run(start_image_server("127.0.0.1", free_port()))

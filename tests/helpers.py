@@ -77,8 +77,8 @@ class BackgroundLoop:
 
 def run_cli(monkeypatch, env: dict[str, str], *argv: str) -> int:
     """`tagstream ARGV` in this process, with `env` set and the settings read afresh."""
-    from infra.cli import main
     from infra.settings import get_settings
+    from tagstream.cli import main
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.bench import _save_with_manifest
 from models.quantize import make_variant
 from models.resnet import build_resnet50
 from models.runtime import OnnxClassifier
+from models.variant_bench import _save_with_manifest
 
 pytestmark = pytest.mark.gpu
 

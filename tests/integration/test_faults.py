@@ -10,10 +10,10 @@ import time
 import pytest
 
 from infra.broker import free_port
-from infra.up import ProcessGroup, child_env, faust_argv
 from producers.kafka import TweetProducer
 from producers.tweets import photos, tweet_from_stream_line
 from schemas.records import now_ms
+from tagstream.up import ProcessGroup, child_env, faust_argv
 from tests.helpers import KafkaReader, settings_env
 
 pytestmark = pytest.mark.integration

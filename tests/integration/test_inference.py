@@ -7,10 +7,10 @@ import threading
 import pytest
 from confluent_kafka import Producer
 
+from infra.demo_images import render_demo_jpeg
 from infra.kafka import producer_config
 from models.runtime import OnnxClassifier
 from processors.inference import InferenceConsumer
-from producers.demo_images import render_demo_jpeg
 from schemas.codec import Codec
 from schemas.records import now_ms
 from tests.helpers import KafkaReader

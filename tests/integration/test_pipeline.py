@@ -13,12 +13,12 @@ from collections import Counter
 import pytest
 
 from infra.broker import free_port
-from infra.up import ProcessGroup, child_env, faust_argv, tagstream_argv
-from producers.image_server import truth_from_url
+from infra.image_server import truth_from_url
 from producers.kafka import TweetProducer
 from producers.synthetic import SyntheticTweets
 from producers.tweets import photos, tweet_from_stream_line
 from schemas.records import now_ms
+from tagstream.up import ProcessGroup, child_env, faust_argv, tagstream_argv
 from tests.helpers import KafkaReader, settings_env
 
 pytestmark = pytest.mark.integration

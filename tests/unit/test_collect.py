@@ -24,7 +24,9 @@ from aiohttp import web
 from PIL import Image
 from pydantic import SecretStr
 
+from infra.demo_images import DEMO_CLASSES, render_demo_image, render_demo_jpeg
 from infra.exceptions import ConfigurationError, DecodeImageError
+from infra.image_server import make_image_app
 from infra.settings import Settings
 from producers.collect import (
     DEFAULT_NEAR_THRESHOLD,
@@ -37,8 +39,6 @@ from producers.collect import (
     perceptual_hash,
     search_queries,
 )
-from producers.demo_images import DEMO_CLASSES, render_demo_image, render_demo_jpeg
-from producers.image_server import make_image_app
 from producers.xapi import XApiError
 from tests.helpers import Sleeps, run_cli, serve_locally
 

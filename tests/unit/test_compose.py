@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cli import get_args_parser
 from infra.settings import Settings
+from tagstream.cli import get_args_parser
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_dependencies_wait_for_health_and_required_values_fail_loudly(compose) -
 
 
 def test_dockerfile_installs_every_package(compose) -> None:
-    dockerfile = (REPO / "infra" / "Dockerfile").read_text()
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     for package in ("schemas", "producers", "processors", "models", "infra"):
         assert f"COPY {package} {package}" in dockerfile
-    assert shlex.split(compose["x-tagstream"]["build"]["dockerfile"]) == ["infra/Dockerfile"]
+    assert shlex.split(compose["x-tagstream"]["build"]["dockerfile"]) == ["deploy/Dockerfile"]

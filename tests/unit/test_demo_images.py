@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producers.demo_images import (
+from infra.demo_images import (
     DEMO_CLASSES,
     SEED_BLOCK,
     render_demo_image,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from infra.demo_images import render_demo_jpeg
 from models.demo import TEST_SEEDS_START, DemoRecipe
 from models.export import check_against_pytorch
 from models.manifest import Manifest
 from models.resnet import build_resnet50
 from models.runtime import OnnxClassifier
-from producers.demo_images import render_demo_jpeg
 
 pytestmark = pytest.mark.slow
 

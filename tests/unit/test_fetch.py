@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from infra.demo_images import render_demo_jpeg
 from infra.exceptions import RejectedFetchError, TransientFetchError
-from processors.fetch import FetchedImage, ImageFetcher, sniff_image_type
-from producers.demo_images import render_demo_jpeg
-from producers.image_server import HUGE_BYTES_SENT, start_image_server
+from infra.fetcher import FetchedImage, ImageFetcher, sniff_image_type
+from infra.image_server import HUGE_BYTES_SENT, start_image_server
 from tests.helpers import Sleeps
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.bench import model_table
+from models.variant_bench import model_table
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_table_has_the_four_variants_and_pruning_shrinks_them() -> None:
 
 
 def test_accuracy_columns_come_from_the_digits_task() -> None:
-    from models.bench import print_model_table
+    from models.variant_bench import print_model_table
 
     rows = model_table(
         input_size=32, batch_size=2, repeats=1, accuracy=True, epochs=3, finetune_epochs=1

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.export import check_against_pytorch, export_onnx
-from models.prune import (
+from models.apoz import (
     PruneReport,
     build_pruned_resnet50,
     channel_sparsity,
@@ -24,6 +23,7 @@ from models.prune import (
     select_channels,
     stock_widths,
 )
+from models.export import check_against_pytorch, export_onnx
 from models.resnet import build_resnet50
 
 NUM_CLASSES = 13

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.cli import get_args_parser
 from infra.exceptions import ConfigurationError
 from models.pseudo_label import select_top_k
+from tagstream.cli import get_args_parser
 
 CLEAN_PER_CLASS = 60
 TOP_K = 40

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from infra.demo_images import render_demo_jpeg
 from models.demo import TEST_SEEDS_START, TRAIN_SEEDS_START, DemoRecipe
 from models.manifest import Manifest
 from models.quantize import make_variant
 from models.runtime import OnnxClassifier
-from producers.demo_images import render_demo_jpeg
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from infra.exceptions import RejectedFetchError
+from infra.fetcher import FetchedImage
 from infra.settings import Settings
 from processors.admission import AdmissionController
-from processors.fetch import FetchedImage
-from processors.shedding import ShedAndFetch, SourceRecord
+from processors.shed_and_fetch import ShedAndFetch, SourceRecord
 from schemas.codec import Codec
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64

@@ -10,9 +10,9 @@ from typing import Any
 import fastavro
 import pytest
 
+from infra.demo_images import DEMO_CLASSES
 from infra.exceptions import CodecError
-from producers.demo_images import DEMO_CLASSES
-from producers.image_server import truth_from_url
+from infra.image_server import truth_from_url
 from producers.synthetic import KINDS, SyntheticTweets
 from producers.tweets import photos, tweet_from_stream_line
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from infra.cli import get_args_parser
 from models.data import write_digits_folder
 from models.train import main as train_main
+from tagstream.cli import get_args_parser
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +131,8 @@ def test_export_fp32_and_int8_agree(trained, digits, tmp_path) -> None:
 
 
 def test_prune_rounds_shrink_and_report(trained, tmp_path) -> None:
-    from models.prune import build_pruned_resnet50
-    from models.prune_run import main as prune_main
+    from models.apoz import build_pruned_resnet50
+    from models.prune import main as prune_main
 
     out, _ = trained
     argv = [

@@ -176,7 +176,7 @@ class ShedAndFetch:
 
 def register_agent(app, settings: Settings) -> None:
     """Put the `shed_and_fetch` agent on `app` (processors/app.py calls this)."""
-    from processors.fetch import ImageFetcher
+    from infra.fetcher import ImageFetcher
 
     tweets = app.topic(settings.topic("tweets"), value_serializer="raw", key_serializer="raw")
     outputs = {

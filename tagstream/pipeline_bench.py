@@ -121,8 +121,8 @@ def bench_fetch_paths(
     import torch
     from PIL import Image
 
+    from infra.fetcher import ImageFetcher
     from models.resnet import build_resnet50
-    from processors.fetch import ImageFetcher
 
     async def ours() -> None:
         async with ImageFetcher(
@@ -180,10 +180,10 @@ def bench_fetch_paths(
 
 def int8_variant(settings: Settings, model_dir: Path, classifier):
     """The model's INT8 variant, calibrated on demo training images; cached beside the model."""
+    from infra.demo_images import render_demo_jpeg
     from models.demo import TRAIN_SEEDS_START
     from models.quantize import make_variant
     from models.runtime import OnnxClassifier
-    from producers.demo_images import render_demo_jpeg
 
     out = model_dir.with_name(model_dir.name + "-int8")
     if not (out / "manifest.json").is_file():
@@ -204,10 +204,10 @@ def int8_variant(settings: Settings, model_dir: Path, classifier):
 
 def run_bench(settings: Settings, *, images: int = 512) -> int:
     from infra.broker import EmbeddedBroker
+    from infra.demo_images import render_demo_jpeg
+    from infra.image_server import start_image_server
     from models.demo import ensure_demo_model
     from models.runtime import OnnxClassifier
-    from producers.demo_images import render_demo_jpeg
-    from producers.image_server import start_image_server
 
     model_dir = settings.model_dir or ensure_demo_model(settings.data_dir)
     classifier = OnnxClassifier(

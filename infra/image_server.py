@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
-from producers.demo_images import DEMO_CLASSES, render_demo_jpeg
+from infra.demo_images import DEMO_CLASSES, render_demo_jpeg
 
 log = logging.getLogger(__name__)
 

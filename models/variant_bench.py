@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra.demo_images import DEMO_CLASSES, render_demo_image
+from models.apoz import count_flops, count_params, prune_round
 from models.export import export_onnx
 from models.manifest import Manifest, file_sha256
 from models.presets import IMAGENET_MEAN, IMAGENET_STD, ServingPreset
-from models.prune import count_flops, count_params, prune_round
 from models.quantize import make_variant
 from models.resnet import build_resnet50
 from models.runtime import OnnxClassifier
-from producers.demo_images import DEMO_CLASSES, render_demo_image
 
 
 @dataclass
@@ -85,12 +85,12 @@ def digits_accuracy(
 
     Returns ({"dense FP32": acc, ...}, the dense network, the pruned network).
     """
-    from infra.cli import get_args_parser
     from models.checkpoint import load_trained
     from models.data import write_digits_folder
     from models.export import main as export_main
-    from models.prune_run import main as prune_main
+    from models.prune import main as prune_main
     from models.train import main as train_main
+    from tagstream.cli import get_args_parser
 
     data = write_digits_folder(workdir / "digits", size=input_size)
     quiet = [] if progress else ["--no-progress"]

@@ -70,7 +70,7 @@ class ProcessGroup:
 
 
 def tagstream_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "infra.cli", *args]
+    return [sys.executable, "-m", "tagstream.cli", *args]
 
 
 def faust_argv(settings: Settings) -> list[str]:

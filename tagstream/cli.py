@@ -24,7 +24,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from infra.up import up
+    from tagstream.up import up
 
     return up(get_settings(), rate=args.rate, count=args.count)
 
@@ -54,7 +54,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_images(args: argparse.Namespace) -> int:
-    from producers.image_server import run_image_server
+    from infra.image_server import run_image_server
 
     settings = get_settings()
     run_image_server(
@@ -235,7 +235,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.models:
-        from models.bench import model_table, print_model_table
+        from models.variant_bench import model_table, print_model_table
 
         print_model_table(
             model_table(
@@ -247,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from infra.bench import run_bench
+    from tagstream.pipeline_bench import run_bench
 
     return run_bench(get_settings(), images=args.images)
 
@@ -262,7 +262,7 @@ MODEL_COMMANDS = (
         "teacher/student: label unlabeled images with a teacher, train a student on them",
     ),
     ("export", "models.export", "export a checkpoint to ONNX (fp32, fp16, int8) with its manifest"),
-    ("prune", "models.prune_run", "iterative APoZ pruning with fine-tuning, and its report"),
+    ("prune", "models.prune", "iterative APoZ pruning with fine-tuning, and its report"),
 )
 
 
