@@ -14,9 +14,21 @@ TagstreamError
 
 from __future__ import annotations
 
+# Defined in the lowest layer, where the codec raises them; re-exported here with the rest.
+from schemas.errors import CodecError, TagstreamError
 
-class TagstreamError(Exception):
-    """Base class of every error tagstream raises on purpose."""
+__all__ = [
+    "BrokerError",
+    "CodecError",
+    "ConfigurationError",
+    "DecodeImageError",
+    "FetchError",
+    "ModelError",
+    "RejectedFetchError",
+    "Shed",
+    "TagstreamError",
+    "TransientFetchError",
+]
 
 
 class ConfigurationError(TagstreamError):
@@ -25,10 +37,6 @@ class ConfigurationError(TagstreamError):
 
 class BrokerError(TagstreamError):
     """The broker did not start or did not answer."""
-
-
-class CodecError(TagstreamError):
-    """A record that cannot be encoded or decoded."""
 
 
 class FetchError(TagstreamError):

@@ -1,17 +1,17 @@
-"""Kafka client configuration, in one place, and the producer helpers every stage shares.
+"""Kafka client configuration, in one place, and the one loop over consumed messages.
 
 Settings become librdkafka dicts here (as quix-streams does); the Faust worker
-gets the same bootstrap and timeouts through processors/app.py.
+gets the same bootstrap and timeouts through processors/app.py. Records are produced
+through infra/record_producer.py.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
+from collections.abc import Callable
 from typing import Any
 
-from infra.exceptions import BrokerError
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,48 +59,44 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     return config
 
 
-class DeliveryTracker:
-    """Counts deliveries of a confluent-kafka producer and keeps the first failure.
+def consumed(
+    consumer: Any,
+    max_messages: int,
+    timeout_s: float,
+    *,
+    on_eof: Callable[[Any], None] | None = None,
+) -> list[Any]:
+    """The next messages of a confluent-kafka consumer, without the error events.
 
-    `delivery_report` is the callback given to `produce`; `raise_if_failed` turns a
-    failed delivery into an exception so a consumer never commits past lost output.
+    The one loop over consumed messages: a partition EOF goes to `on_eof` (or is
+    dropped), called before the messages are returned, so a caller must treat the EOF's
+    offset, not the order of calls, as where the partition ends; an error librdkafka recovers from by itself (a broker away, a transport
+    error) is logged and skipped; a fatal error raises KafkaException.
     """
+    from confluent_kafka import KafkaError, KafkaException
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.delivered = 0
-        self.failed = 0
-        self.first_error: str | None = None
-
-    def delivery_report(self, err: Any, msg: Any) -> None:
-        with self._lock:
-            if err is not None:
-                self.failed += 1
-                if self.first_error is None:
-                    self.first_error = f"{msg.topic()}: {err}"
-                log.error("delivery to %s failed: %s", msg.topic(), err)
-            else:
-                self.delivered += 1
-
-    def raise_if_failed(self) -> None:
-        with self._lock:
-            if self.failed:
-                error, self.failed, self.first_error = self.first_error, 0, None
-                raise BrokerError(f"produce failed: {error}")
+    good = []
+    for message in consumer.consume(max_messages, timeout=timeout_s):
+        error = message.error()
+        if error is None:
+            good.append(message)
+        elif error.code() == KafkaError._PARTITION_EOF:
+            if on_eof is not None:
+                on_eof(message)
+        elif error.fatal() or not error.retriable() and error.code() not in _RECOVERABLE:
+            raise KafkaException(error)
+        else:
+            log.warning("consumer: %s (librdkafka retries by itself)", error)
+    return good
 
 
-def produce(
-    producer: Any, topic: str, *, key: bytes | None, value: bytes, on_delivery: Any
-) -> None:
-    """Produce one record; when librdkafka's local queue is full, serve callbacks and retry.
+def _recoverable_codes() -> frozenset[int]:
+    from confluent_kafka import KafkaError
 
-    A full queue is backpressure from the broker, not an error: waiting here slows
-    the caller down instead of dropping the record.
-    """
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-            break
-        except BufferError:
-            producer.poll(0.1)
-    producer.poll(0)
+    return frozenset(
+        {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+         KafkaError._MAX_POLL_EXCEEDED}
+    )  # fmt: skip
+
+
+_RECOVERABLE = _recoverable_codes()

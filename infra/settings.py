@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: Topic names of DESIGN.md, before the optional prefix.
+#: Topic names (docs/architecture.md), before the optional prefix.
 TOPIC_NAMES = ("tweets", "images", "hashtags", "tweets.shed", "deadletter", "capacity")
 
 
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         return self
 
     def topic(self, name: str) -> str:
-        """The full topic name for one of DESIGN.md's topics."""
+        """The full topic name for one of our topics (docs/architecture.md)."""
         if name not in TOPIC_NAMES:
             raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPIC_NAMES)}")
         return f"{self.topic_prefix}{name}"

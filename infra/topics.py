@@ -1,4 +1,4 @@
-"""Topic specifications of DESIGN.md and their creation."""
+"""Topic specifications (docs/architecture.md: topics) and their creation."""
 
 from __future__ import annotations
 

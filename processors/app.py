@@ -25,7 +25,7 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
         topic_partitions=settings.topic_partitions,
-        topic_allow_declare=False,  # ours are created by infra.topics with the specs of DESIGN.md
+        topic_allow_declare=False,  # ours are created by infra.topics with their specs
         broker_session_timeout=settings.session_timeout_ms / 1000.0,
         broker_heartbeat_interval=max(0.5, settings.session_timeout_ms / 6000.0),
         broker_commit_interval=1.0,

@@ -24,16 +24,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from infra.exceptions import CodecError, DecodeImageError
-from infra.kafka import DeliveryTracker, consumer_config, produce, producer_config
+from infra.kafka import consumed, consumer_config
+from infra.record_producer import RecordProducer, SourceRef
 from infra.settings import Settings
 from models.runtime import OnnxClassifier
-from schemas.codec import Codec
-from schemas.records import dead_letter, now_ms
+from schemas.records import HashtagResult, ImageEvent, capacity_report, hashtag_result, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ REPORT_INTERVAL_S = 5.0
 class Prepared:
     """One consumed image, decoded and ready for the model (or failed)."""
 
-    message: object
-    event: dict | None = None
+    message: Any
+    event: ImageEvent | None = None
     array: np.ndarray | None = None
     thumbnail: bytes | None = None
     error: BaseException | None = None
@@ -94,22 +95,18 @@ class InferenceConsumer:
         group_id: str | None = None,
         consumer_id: str | None = None,
     ) -> None:
-        from confluent_kafka import Consumer, Producer
+        from confluent_kafka import Consumer
 
         self.settings = settings
         self.classifier = classifier
-        self.codec = Codec.from_settings(settings)
         self.consumer_id = (
             consumer_id or settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
         )
         self.group_id = group_id or f"{settings.topic_prefix}tagstream-inference"
         self.images_topic = settings.topic("images")
-        self.hashtags_topic = settings.topic("hashtags")
-        self.dead_topic = settings.topic("deadletter")
-        self.capacity_topic = settings.topic("capacity")
         self.consumer = Consumer(consumer_config(settings, self.group_id))
-        self.producer = Producer(producer_config(settings))
-        self.deliveries = DeliveryTracker()
+        self.producer = RecordProducer(settings)
+        self.codec = self.producer.codec
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self.stats = InferenceStats()
         self._last_report = time.monotonic()
@@ -119,26 +116,16 @@ class InferenceConsumer:
     # -- batching ------------------------------------------------------------------
     def next_batch(self, *, idle_timeout_s: float) -> list:
         """Up to `batch_max_size` messages; waits `batch_max_wait_ms` at most after the first."""
-        from confluent_kafka import KafkaError, KafkaException
-
         max_size = self.settings.batch_max_size
-        first = self.consumer.consume(max_size, timeout=idle_timeout_s)
-        messages = list(first)
+        messages = consumed(self.consumer, max_size, idle_timeout_s)
         if messages:
             deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000.0
             while len(messages) < max_size:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                messages.extend(self.consumer.consume(max_size - len(messages), timeout=left))
-        good = []
-        for message in messages:
-            error = message.error()
-            if error is None:
-                good.append(message)
-            elif error.code() != KafkaError._PARTITION_EOF:
-                raise KafkaException(error)
-        return good
+                messages.extend(consumed(self.consumer, max_size - len(messages), left))
+        return messages
 
     # -- per image -------------------------------------------------------------------
     def prepare(self, message) -> Prepared:
@@ -158,56 +145,36 @@ class InferenceConsumer:
         prepared.timestamps["decoded"] = now_ms()
         return prepared
 
-    def result_for(self, prepared: Prepared, probabilities: np.ndarray, inferred: float) -> dict:
+    def result_for(
+        self, prepared: Prepared, probabilities: np.ndarray, inferred: float
+    ) -> HashtagResult:
         event = prepared.event
         assert event is not None
         manifest = self.classifier.manifest
         scores = {name: float(p) for name, p in zip(manifest.classes, probabilities, strict=True)}
-        timestamps = dict(event["timestamps"]) | prepared.timestamps
-        timestamps["inferred"] = inferred
-        timestamps["produced"] = now_ms()
-        return {
-            "tweet_id": event["tweet_id"],
-            "media_key": event["media_key"],
-            "url": event["url"],
-            "tweet_text": event["tweet_text"],
-            "hashtags": manifest.hashtags(scores),
-            "top_class": manifest.classes[int(np.argmax(probabilities))],
-            "scores": scores,
-            "model_id": manifest.model_id,
-            "model_version": manifest.version,
-            "consumer_id": self.consumer_id,
-            "source": event["source"],
-            "replay_run_id": event["replay_run_id"],
-            "thumbnail": prepared.thumbnail,
-            "timestamps": timestamps,
-        }
-
-    def _produce(self, topic: str, record: str, key: str, value: dict) -> None:
-        payload = self.codec.encode(record, value, topic=topic)
-        produce(
-            self.producer,
-            topic,
-            key=key.encode(),
-            value=payload,
-            on_delivery=self.deliveries.delivery_report,
+        return hashtag_result(
+            event=event,
+            hashtags=manifest.hashtags(scores),
+            top_class=manifest.classes[int(np.argmax(probabilities))],
+            scores=scores,
+            model_id=manifest.model_id,
+            model_version=manifest.version,
+            consumer_id=self.consumer_id,
+            thumbnail=prepared.thumbnail,
+            timestamps=prepared.timestamps | {"inferred": inferred, "produced": now_ms()},
         )
 
     def _dead_letter(self, prepared: Prepared) -> None:
-        message, event = prepared.message, prepared.event or {}
-        letter = dead_letter(
-            source_topic=message.topic(),
-            source_partition=message.partition(),
-            source_offset=message.offset(),
-            stage=prepared.stage,
-            error=prepared.error or RuntimeError("unknown"),
-            tweet_id=event.get("tweet_id"),
-            media_key=event.get("media_key"),
-            url=event.get("url"),
+        message, event = prepared.message, prepared.event
+        self.producer.dead_letter(
+            SourceRef.of(message),
+            prepared.stage,
+            prepared.error or RuntimeError("unknown"),
+            tweet_id=event["tweet_id"] if event else None,
+            media_key=event["media_key"] if event else None,
+            url=event["url"] if event else None,
             payload=message.value() if prepared.stage == "decode_image_event" else None,
         )
-        key = event.get("media_key") or (message.key() or b"").decode("utf-8", "replace")
-        self._produce(self.dead_topic, "DeadLetter", key, letter)
         self.stats.dead_letters += 1
 
     # -- per batch -------------------------------------------------------------------
@@ -226,16 +193,11 @@ class InferenceConsumer:
             inferred = now_ms()
             self.stats.infer_s += time.monotonic() - decoded
             for p, row in zip(ready, probabilities, strict=True):
-                self._produce(
-                    self.hashtags_topic,
-                    "HashtagResult",
-                    p.event["tweet_id"],
-                    self.result_for(p, row, inferred),
-                )
-        remaining = self.producer.flush(30)
-        if remaining:
-            raise RuntimeError(f"{remaining} records not delivered within 30 s; not committing")
-        self.deliveries.raise_if_failed()
+                assert p.event is not None
+                result = self.result_for(p, row, inferred)
+                self.producer.send("hashtags", result, key=p.event["tweet_id"])
+        # Raises when a record is undelivered: then nothing is committed.
+        self.producer.flush(30)
         last: dict[tuple[str, int], int] = {}
         for message in messages:
             last[(message.topic(), message.partition())] = message.offset()
@@ -255,16 +217,13 @@ class InferenceConsumer:
         elapsed = now - self._last_report
         if not force and elapsed < REPORT_INTERVAL_S:
             return
-        report = {
-            "consumer_id": self.consumer_id,
-            "images_per_s": self._report_images / elapsed if elapsed > 0 else 0.0,
-            "batch_size": self._report_images / self._report_batches
-            if self._report_batches
-            else 0.0,
-            "queue_depth": self.lag(),
-            "reported_at_ms": now_ms(),
-        }
-        self._produce(self.capacity_topic, "CapacityReport", self.consumer_id, report)
+        report = capacity_report(
+            consumer_id=self.consumer_id,
+            images_per_s=self._report_images / elapsed if elapsed > 0 else 0.0,
+            batch_size=self._report_images / self._report_batches if self._report_batches else 0,
+            queue_depth=self.lag(),
+        )
+        self.producer.send("capacity", report, key=self.consumer_id)
         self._last_report, self._report_images, self._report_batches = now, 0, 0
 
     def lag(self) -> int:
@@ -308,7 +267,7 @@ class InferenceConsumer:
         finally:
             try:
                 self.report_capacity(force=True)
-                self.producer.flush(10)
+                self.producer.close(10)
             finally:
                 self.consumer.close()
                 self.pool.shutdown(wait=True)

@@ -1,113 +1,97 @@
 """The shedding and fetch stage: `tweets` in; `images`, `tweets.shed` and `deadletter` out.
 
+`ShedAndFetch` is the stage's logic, free of Faust and Kafka: one consumed tweet in, the
+records it becomes out. `run_agent` is the loop the Faust agent runs (registered on the
+app by `register_agent`), free of Faust too: it takes any stream of events that can be
+acked.
+
 Delivery guarantee: at-least-once, and this module owns it rather than Faust:
 - each tweet is handled in a task of its own, and its task ends only once every record
-  it produced (image events, a shed record or dead letters) has been delivered;
+  it produced (image events, a shed record or dead letters) has been delivered, through
+  the one RecordProducer; a broker that is away is waited for, never given up on;
 - a tweet is acked to Faust only when its task and the tasks of every tweet consumed
-  before it on the same partition have ended (`processors.ack_window.InOrderAcks`), so
-  the acked offsets Faust commits from are always one contiguous run and the committed
-  offset never passes a tweet still in flight. Faust's own handling of out-of-order
-  acks is not relied on (faust-streaming issue #606 commits past a record in flight);
+  before it on the same partition have ended (infra/inorder.py), so the acked offsets
+  Faust commits from are always one contiguous run after its committed offset, and the
+  committed offset never passes a tweet still in flight. Faust's own handling of
+  out-of-order acks is not relied on (faust-streaming issue #606 commits past a record
+  in flight);
 - a crash at any moment re-delivers every tweet after the committed offset: ImageEvents
   are keyed by media key and results by tweet id, so downstream sees harmless
   duplicates, never gaps.
 In-flight work is bounded by `agent_max_in_flight` (released as each tweet finishes, so
 a slow photo does not hold up the tweets behind it: their work proceeds, only their acks
-wait) and the finished-but-unacked tweets by `agent_max_unacked`.
+wait) and the finished-but-unacked tweets by `agent_max_unacked` (released as they are
+acked).
 
-Every tweet taken in ends as exactly one of: ImageEvents for its photos (each
-photo then a result or a dead letter downstream), a ShedRecord (`no_photo`,
-`over_rate`), or a DeadLetter (undecodable record; a photo that cannot be fetched).
+Every tweet taken in ends as exactly one of: ImageEvents for its photos (each photo then
+a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_rate`), or a
+DeadLetter (undecodable record; a photo that cannot be fetched).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from infra.exceptions import CodecError, FetchError
+from infra.fetcher import FetchedImage
+from infra.inorder import InOrderWindow
+from infra.record_producer import Outgoing, RecordProducer, SourceRef
 from infra.settings import Settings
-from processors.ack_window import InOrderAcks
-from processors.admission import AdmissionController
-from producers.tweets import photos
+from processors.admission import Admission, AdmissionController
 from schemas.codec import Codec
-from schemas.records import dead_letter, now_ms
+from schemas.records import Media, Tweet, image_event, now_ms, photos, shed_record
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SourceRecord:
-    """A consumed record and where it came from (for dead letters)."""
+class Fetcher(Protocol):
+    async def fetch(self, url: str) -> FetchedImage: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """A consumed record: its bytes and where it came from (for dead letters)."""
 
     value: bytes
-    key: bytes | None
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str
-    key: bytes
-    value: bytes
+    source: SourceRef
 
 
 class ShedAndFetch:
-    """The stage's logic, free of Faust so that it can be tested on its own."""
+    """The stage's logic, free of Faust and Kafka so that it can be tested on its own."""
 
-    def __init__(
-        self, *, settings: Settings, codec: Codec, fetcher, admission: AdmissionController
-    ) -> None:
-        self.settings = settings
+    def __init__(self, *, codec: Codec, fetcher: Fetcher, admission: AdmissionController) -> None:
         self.codec = codec
         self.fetcher = fetcher
         self.admission = admission
-        self.images_topic = settings.topic("images")
-        self.shed_topic = settings.topic("tweets.shed")
-        self.dead_topic = settings.topic("deadletter")
 
-    def _encode(self, topic: str, record: str, key: str, value: dict) -> Outgoing:
-        return Outgoing(topic, key.encode(), self.codec.encode(record, value, topic=topic))
+    @staticmethod
+    def dead_letter(consumed: Consumed, stage: str, error: BaseException, **ids: Any) -> Outgoing:
+        letter = RecordProducer.dead_letter_record(consumed.source, stage, error, **ids)
+        key = ids.get("media_key") or ids.get("tweet_id") or (consumed.source.key or b"")
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "replace")
+        return Outgoing("deadletter", key, letter)
 
-    def dead_letter_record(
-        self, source: SourceRecord, stage: str, error: BaseException, **ids
-    ) -> Outgoing:
-        letter = dead_letter(
-            source_topic=source.topic,
-            source_partition=source.partition,
-            source_offset=source.offset,
-            stage=stage,
-            error=error,
-            **ids,
-        )
-        key = (
-            ids.get("media_key")
-            or ids.get("tweet_id")
-            or (source.key or b"").decode("utf-8", "replace")
-        )
-        return self._encode(self.dead_topic, "DeadLetter", key, letter)
-
+    @staticmethod
     def _shed(
-        self, tweet: dict, reason: str, detail: str, media_keys: list[str], admission
+        tweet: Tweet, reason: str, detail: str, media_keys: list[str], admission: Admission
     ) -> Outgoing:
-        record = {
-            "tweet_id": tweet["id"],
-            "reason": reason,
-            "detail": detail,
-            "media_keys": media_keys,
-            "admission_rate": admission.admission_rate,
-            "observed_rate": admission.observed_rate,
-            "tokens": admission.tokens,
-            "source": tweet.get("source", "unknown"),
-            "replay_run_id": tweet.get("replay_run_id"),
-            "shed_at_ms": now_ms(),
-        }
-        return self._encode(self.shed_topic, "ShedRecord", tweet["id"], record)
+        record = shed_record(
+            tweet=tweet,
+            reason=reason,
+            detail=detail,
+            media_keys=media_keys,
+            admission_rate=admission.admission_rate,
+            observed_rate=admission.observed_rate,
+            tokens=admission.tokens,
+        )
+        return Outgoing("tweets.shed", tweet["id"], record)
 
-    async def process(self, source: SourceRecord) -> list[Outgoing]:
+    async def process(self, consumed: Consumed) -> list[Outgoing]:
         """Everything one consumed tweet produces.
 
         Decoding and admission run before the first await, so tweets are admitted
@@ -115,9 +99,9 @@ class ShedAndFetch:
         """
         received = now_ms()
         try:
-            tweet = self.codec.decode("Tweet", source.value)
+            tweet: Tweet = self.codec.decode("Tweet", consumed.value)  # type: ignore[assignment]
         except CodecError as exc:
-            return [self.dead_letter_record(source, "decode_tweet", exc, payload=source.value)]
+            return [self.dead_letter(consumed, "decode_tweet", exc, payload=consumed.value)]
         tweet_photos = photos(tweet)
         if not tweet_photos:
             kinds = sorted({m["type"] for m in tweet["media"]}) or ["none"]
@@ -131,7 +115,7 @@ class ShedAndFetch:
         return list(
             await asyncio.gather(
                 *(
-                    self._fetch_one(source, tweet, photo, position, received, admitted)
+                    self._fetch_one(consumed, tweet, photo, position, received, admitted)
                     for position, photo in enumerate(tweet_photos)
                 )
             )
@@ -139,9 +123,9 @@ class ShedAndFetch:
 
     async def _fetch_one(
         self,
-        source: SourceRecord,
-        tweet: dict,
-        photo: dict,
+        consumed: Consumed,
+        tweet: Tweet,
+        photo: Media,
         position: int,
         received: float,
         admitted: float,
@@ -149,106 +133,136 @@ class ShedAndFetch:
         ids = {"tweet_id": tweet["id"], "media_key": photo["media_key"], "url": photo["url"]}
         started = now_ms()
         try:
-            fetched = await self.fetcher.fetch(photo["url"])
+            fetched = await self.fetcher.fetch(str(photo["url"]))
         except FetchError as exc:
-            return self.dead_letter_record(source, "fetch", exc, **ids)
-        event = {
-            "tweet_id": tweet["id"],
-            "media_key": photo["media_key"],
-            "url": photo["url"],
-            "position": position,
-            "tweet_text": tweet["text"],
-            "matching_rules": [r["tag"] or r["id"] for r in tweet["matching_rules"]],
-            "content_type": fetched.content_type,
-            "image": fetched.data,
-            "source": tweet.get("source", "unknown"),
-            "replay_run_id": tweet.get("replay_run_id"),
-            "timestamps": {
+            return self.dead_letter(consumed, "fetch", exc, **ids)
+        event = image_event(
+            tweet=tweet,
+            photo=photo,
+            position=position,
+            content_type=fetched.content_type,
+            image=fetched.data,
+            timestamps={
                 "ingested": tweet["ingested_at_ms"],
                 "received": received,
                 "admitted": admitted,
                 "fetch_start": started,
                 "fetched": now_ms(),
             },
-        }
-        return self._encode(self.images_topic, "ImageEvent", photo["media_key"], event)
+        )
+        return Outgoing("images", photo["media_key"], event)
 
 
-def register_agent(app, settings: Settings) -> None:
+class AckableEvent(Protocol):
+    """What `run_agent` needs of a stream event (Faust's `Event` is one)."""
+
+    value: bytes
+    key: bytes | None
+
+    @property
+    def message(self) -> Any: ...  # .topic, .partition, .offset, .tp
+
+    def ack(self) -> Any: ...
+
+
+async def deliver(
+    producer: RecordProducer,
+    outgoing: list[Outgoing],
+    consumed: Consumed,
+    *,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+) -> None:
+    """Deliver `outgoing`, waiting out a broker that is away (a resend is harmless: the
+    records are keyed). A record that cannot be encoded becomes a dead letter."""
+    delay = 0.5
+    while True:
+        try:
+            await producer.deliver(outgoing)
+            return
+        except CodecError as exc:  # a bug, not bad input: keep the tweet, as a dead letter
+            log.exception("cannot encode the output of %s", consumed.source)
+            outgoing = [ShedAndFetch.dead_letter(consumed, "encode", exc, payload=consumed.value)]
+        except Exception as exc:
+            log.warning(
+                "could not deliver the output of %s (%s); retrying in %.1f s",
+                consumed.source, exc, delay,
+            )  # fmt: skip
+            await sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def run_agent(
+    events: AsyncIterable[AckableEvent],
+    stage: ShedAndFetch,
+    producer: RecordProducer,
+    *,
+    max_in_flight: int,
+    max_unacked: int,
+) -> None:
+    """Process every event of `events`, acking each in offset order once delivered."""
+    in_flight = asyncio.Semaphore(max_in_flight)
+    unacked = asyncio.Semaphore(max_unacked)
+    window = InOrderWindow()
+    tasks: set[asyncio.Task] = set()
+
+    async def handle(event: AckableEvent, consumed: Consumed, pending: Any) -> None:
+        try:
+            try:
+                outgoing = await stage.process(consumed)
+            except Exception as exc:  # a bug must not lose the tweet: dead-letter it
+                log.exception("unexpected error on %s", consumed.source)
+                outgoing = [
+                    stage.dead_letter(consumed, "shed_and_fetch", exc, payload=consumed.value)
+                ]
+            await deliver(producer, outgoing, consumed)
+            # Delivered: the tweet is finished. Only now may it (and the finished tweets
+            # after it on its partition) be acked.
+            window.finish(pending)
+        finally:
+            in_flight.release()
+
+    def acker(event: AckableEvent) -> Callable[[], None]:
+        def ready() -> None:
+            event.ack()
+            unacked.release()
+
+        return ready
+
+    try:
+        async for event in events:
+            await unacked.acquire()
+            await in_flight.acquire()
+            message = event.message
+            source = SourceRef(message.topic, message.partition, message.offset, event.key)
+            # Tracked in consumption order, which is offset order per partition.
+            pending = window.track((message.topic, message.partition), acker(event))
+            task = asyncio.create_task(handle(event, Consumed(event.value, source), pending))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def register_agent(app: Any, settings: Settings) -> None:
     """Put the `shed_and_fetch` agent on `app` (processors/app.py calls this)."""
     from infra.fetcher import ImageFetcher
 
     tweets = app.topic(settings.topic("tweets"), value_serializer="raw", key_serializer="raw")
-    outputs = {
-        name: app.topic(settings.topic(name), value_serializer="raw", key_serializer="raw")
-        for name in ("images", "tweets.shed", "deadletter")
-    }
-    by_full_name = {topic.get_topic_name(): topic for topic in outputs.values()}
     codec = Codec.from_settings(settings)
     admission = AdmissionController(rate=settings.admission_rate, burst=settings.admission_burst)
 
     @app.agent(tweets, name="shed_and_fetch")
-    async def shed_and_fetch(stream):
-        # One tweet's slow photo must not hold the tweets behind it: each tweet is a
-        # task. Its ack goes through the in-order window (see the module docstring);
-        # the semaphore bounds the work in flight, the window the acks waiting.
-        in_flight = asyncio.Semaphore(settings.agent_max_in_flight)
-        acks = InOrderAcks(max_unacked=settings.agent_max_unacked)
-        tasks: set[asyncio.Task] = set()
-
-        async def deliver(outgoing: list[Outgoing], source: SourceRecord) -> None:
-            # A tweet is never acked undelivered, and never given up on: a broker that is
-            # away is waited for (the records are keyed, so a resend is harmless).
-            delay = 0.5
-            while True:
-                try:
-                    sends = [
-                        await by_full_name[o.topic].send(key=o.key, value=o.value) for o in outgoing
-                    ]
-                    await asyncio.gather(*sends)
-                    return
-                except Exception as exc:
-                    log.warning(
-                        "could not deliver the output of %s[%d]@%d (%s); retrying in %.1f s",
-                        source.topic, source.partition, source.offset, exc, delay,
-                    )  # fmt: skip
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-
-        async def handle(stage: ShedAndFetch, event, pending) -> None:
-            try:
-                message = event.message
-                source = SourceRecord(
-                    event.value, event.key, message.topic, message.partition, message.offset
+    async def shed_and_fetch(stream: Any) -> None:
+        producer = RecordProducer(settings, codec=codec)
+        try:
+            async with ImageFetcher.from_settings(settings) as fetcher:
+                stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=admission)
+                await run_agent(
+                    stream.noack().events(),
+                    stage,
+                    producer,
+                    max_in_flight=settings.agent_max_in_flight,
+                    max_unacked=settings.agent_max_unacked,
                 )
-                try:
-                    outgoing = await stage.process(source)
-                except Exception as exc:  # a bug must not lose the tweet: dead-letter it
-                    log.exception("unexpected error on %s", source)
-                    outgoing = [
-                        stage.dead_letter_record(
-                            source, "shed_and_fetch", exc, payload=source.value
-                        )
-                    ]
-                await deliver(outgoing, source)
-                # Delivered: the tweet is finished. Only then may it (and the finished
-                # tweets after it on its partition) be acked.
-                acks.finish(pending)
-            finally:
-                in_flight.release()
-
-        async with ImageFetcher.from_settings(settings) as fetcher:
-            stage = ShedAndFetch(
-                settings=settings, codec=codec, fetcher=fetcher, admission=admission
-            )
-            try:
-                async for event in stream.noack().events():
-                    await acks.reserve()
-                    await in_flight.acquire()
-                    # Tracked in consumption order, which is offset order per partition.
-                    pending = acks.track(event.message.tp, event.ack)
-                    task = asyncio.create_task(handle(stage, event, pending))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await asyncio.to_thread(producer.close)

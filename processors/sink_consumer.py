@@ -13,20 +13,18 @@ import logging
 import threading
 
 from infra.exceptions import CodecError
-from infra.kafka import consumer_config, producer_config
+from infra.kafka import consumed, consumer_config
+from infra.record_producer import RecordProducer, SourceRef
 from infra.settings import Settings
 from processors.sink import SampledSink, serve_gallery
-from schemas.codec import Codec
-from schemas.records import dead_letter
 
 log = logging.getLogger(__name__)
 
 
 def consume_into(sink: SampledSink, settings: Settings, stop: threading.Event) -> None:
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+    from confluent_kafka import Consumer
 
-    codec = Codec.from_settings(settings)
-    topic = settings.topic("hashtags")
+    producer = RecordProducer(settings)
     consumer = Consumer(
         consumer_config(
             settings,
@@ -34,38 +32,22 @@ def consume_into(sink: SampledSink, settings: Settings, stop: threading.Event) -
             **{"enable.auto.commit": True, "enable.auto.offset.store": True},
         )
     )
-    producer = Producer(producer_config(settings))
-    consumer.subscribe([topic])
+    consumer.subscribe([settings.topic("hashtags")])
     try:
         while not stop.is_set():
-            for message in consumer.consume(100, timeout=0.5):
-                if message.error():
-                    if message.error().code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise KafkaException(message.error())
+            for message in consumed(consumer, 100, 0.5):
                 try:
-                    sink.add(codec.decode("HashtagResult", message.value()))
+                    sink.add(producer.codec.decode("HashtagResult", message.value()))
                 except CodecError as exc:
-                    letter = dead_letter(
-                        source_topic=message.topic(),
-                        source_partition=message.partition(),
-                        source_offset=message.offset(),
-                        stage="sink_decode",
-                        error=exc,
-                        payload=message.value(),
+                    producer.dead_letter(
+                        SourceRef.of(message), "sink_decode", exc, payload=message.value()
                     )
-                    dead = settings.topic("deadletter")
-                    producer.produce(
-                        dead,
-                        key=message.key(),
-                        value=codec.encode("DeadLetter", letter, topic=dead),
-                    )
-                    producer.poll(0)
+            producer.poll(0)
             if sink.window_due():
                 sink.flush()
     finally:
         sink.flush()
-        producer.flush(10)
+        producer.close(10)
         consumer.close()
 
 

@@ -4,10 +4,10 @@ This is the unlabelled set of the semi-supervised loop (Yalniz et al. 2019): a t
 labels it, a student learns from those labels. For each tag, `collect` searches
 ``#tag has:images -is:retweet`` first and, when that runs out, the tag's words
 (``(cat OR cats) has:images -is:retweet`` for ``cats``: the singular and plural of the tag,
-as the seed's keyword rules did), following ``next_token`` page by page until the tag has
-`per_class` photos, both queries are exhausted, or a query has given `max_pages` pages.
+as the ELEN 6889 report's keyword rules did), following ``next_token`` page by page until
+the tag has `per_class` photos, both queries are exhausted, or a query has given `max_pages` pages.
 
-Photos go through the Faust agent's `ImageFetcher` (SSRF guard, byte cap, content
+Photos go through the safe fetcher, `infra.fetcher.ImageFetcher` (SSRF guard, byte cap, content
 sniffing), must decode fully with Pillow, and are skipped when they repeat one already
 kept, for this tag or any other: the same URL, the same bytes (SHA-256), or nearly the
 same picture (a 64-bit perceptual hash within `near_threshold` bits). They are written
@@ -47,7 +47,7 @@ from pydantic import SecretStr
 from infra.exceptions import CodecError, ConfigurationError, DecodeImageError, FetchError
 from infra.fetcher import ImageFetcher
 from infra.settings import Settings
-from producers.tweets import photos, tweet_from_stream_line
+from producers.tweets import tweet_from_stream_line
 from producers.xapi import (
     RATE_LIMIT_FIRST_S,
     STREAM_PARAMS,
@@ -57,6 +57,7 @@ from producers.xapi import (
     require_token,
     tag_words,
 )
+from schemas.records import photos
 
 log = logging.getLogger(__name__)
 

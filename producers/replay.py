@@ -1,13 +1,13 @@
 """Replay archived tweets onto `tweets`, keeping their original timing (or faster).
 
-Two sources: a stream archive (producers/archive.py: raw v2 lines with receive times,
-or plain JSON-lines files), whose lines go through `tweet_from_stream_line`; or a Kafka
-topic of Tweet records (an archived `tweets`), read without joining a group, by
-`assign()` between two bounds (or to the end of each partition, as a fetch reports it)
-and decoded. Either way each tweet is produced to
-``settings.topic("tweets")`` with ``source = "replay"``, a fresh ``ingested_at_ms`` and
-the run's ``replay_run_id``, keyed by tweet id; what is not a tweet goes to `deadletter`
-with stage ``replay``.
+`ReplaySource` is a tweet source (producers/source.py) over one of two inputs: a stream
+archive (producers/archive.py: raw v2 lines with receive times, or plain JSON-lines
+files), whose lines go through `tweet_from_stream_line`; or a Kafka topic of Tweet
+records (an archived `tweets`), read without joining a group, by `assign()` between two
+bounds (or to the end of each partition, as a fetch reports it) and decoded. Either way
+each tweet is produced to ``settings.topic("tweets")`` with ``source = "replay"``, a
+fresh ``ingested_at_ms`` and the run's ``replay_run_id``, keyed by tweet id; what is not
+a tweet goes to `deadletter` with stage ``replay``.
 
 Bounds: `start` inclusive, `stop` exclusive; an offset (archive line index, or offset in
 each partition) or a time. A time bound selects by the archive's receive time, or by a
@@ -16,8 +16,8 @@ are skipped, and the first at or after the stop ends its partition. For a topic 
 bounds are checked on the records as they are read; ``offsets_for_times`` only picks
 where to start reading, because tansu ignores its time and answers the earliest offset.
 
-Timing: record *i* is sent ``(t_i - t_0) / speed`` after the first, by an absolute
-schedule (a late send does not delay the ones after it); ``max`` never waits. Times are
+Timing: each item carries its time and the pump sends record *i* ``(t_i - t_0) / speed``
+after the first, by an absolute schedule; ``max`` never waits. Times are
 the archive's receive times, or for a topic the Tweet's ``ingested_at_ms`` (the record's
 timestamp when that is missing). A topic's partitions are merged by that time, each kept
 in offset order, so the order per key is kept. The merge streams: each partition is read
@@ -32,6 +32,7 @@ delivery failed). Running a replay twice produces the tweets twice, told apart b
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
 import logging
@@ -39,15 +40,18 @@ import re
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from infra.exceptions import BrokerError, CodecError, ConfigurationError
+from infra.record_producer import SourceRef
 from infra.settings import Settings
-from producers.kafka import TweetProducer
+from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
+from producers.tweets import tweet_from_stream_line
+from schemas.records import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class _Item:
     tweet: dict[str, Any] | None = None
     raw: bytes | None = None
     error: str = ""
-    where: tuple[str, int, int] = ("", -1, -1)  # source topic, partition, offset
+    where: SourceRef = SourceRef("")
 
 
 def _archive_items(
@@ -140,7 +144,7 @@ def _archive_items(
             started = True
             if isinstance(stop, datetime) and t_ms >= _ms(stop):
                 return
-        where = (source, -1, index)
+        where = SourceRef(source, -1, index)
         if isinstance(line, bytes):
             yield _Item(t_ms, raw=line, error="archived line is not a JSON object", where=where)
         else:
@@ -208,9 +212,9 @@ def _topic_items(
     ``offsets_for_times`` only picks where reading starts, since a broker may answer it
     loosely (tansu answers the earliest offset for any time).
     """
-    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from infra.kafka import consumer_config
+    from infra.kafka import consumed, consumer_config
     from schemas.codec import Codec
 
     codec = Codec.from_settings(settings)
@@ -249,18 +253,36 @@ def _topic_items(
             hungry.discard(p)
             consumer.pause([TopicPartition(topic, p)])
 
-        def take(message: Any) -> None:
-            p, offset = message.partition(), message.offset()
-            part = parts.get(p)
-            if part is None or part.done or offset < part.next:
+        def end_of(eof: Any) -> None:
+            # The EOF event comes before the messages of its batch are taken: its offset
+            # is where the partition ends, which may still be ahead of what was taken.
+            part = parts.get(eof.partition())
+            if part is None or part.done:
                 return
+            if part.next >= eof.offset():
+                finish(eof.partition())
+            else:
+                part.end = eof.offset() if part.end is None else min(part.end, eof.offset())
+
+        def take(message: Any) -> None:
+            p = message.partition()
+            part = parts.get(p)
+            if part is None or part.done or message.offset() < part.next:
+                return
+            keep(message, part)
+            # Kept or skipped (before the start time), a record may be the last one.
+            if not part.done and part.end is not None and part.next >= part.end:
+                finish(p)
+
+        def keep(message: Any, part: _Partition) -> None:
+            p, offset = message.partition(), message.offset()
             if part.end is not None and offset >= part.end:
                 finish(p)
                 return
             part.next = offset + 1
             _, stamp = message.timestamp()
             stamp_ms = float(stamp) if stamp > 0 else None
-            where = (topic, p, offset)
+            where = SourceRef(topic, p, offset, message.key())
             value = message.value() or b""
             try:
                 tweet = codec.decode("Tweet", value)
@@ -289,17 +311,15 @@ def _topic_items(
                 heapq.heappush(heads, (item.t_ms or 0.0, p))
                 hungry.discard(p)
             part.buffer.append(item)
-            if part.end is not None and offset + 1 >= part.end:
-                finish(p)
-            elif len(part.buffer) >= READ_AHEAD and not part.paused:
+            if len(part.buffer) >= READ_AHEAD and not part.paused:
                 consumer.pause([TopicPartition(topic, p)])
                 part.paused = True
 
         idle_since: float | None = None
         while True:
             if hungry:
-                messages = consumer.consume(min(500, READ_AHEAD), timeout=0.5)
-                if not messages:
+                messages = consumed(consumer, min(500, READ_AHEAD), 0.5, on_eof=end_of)
+                if not messages and hungry:
                     now = time.monotonic()
                     if idle_since is None:
                         idle_since = now
@@ -311,14 +331,7 @@ def _topic_items(
                     continue
                 idle_since = None
                 for message in messages:
-                    error = message.error()
-                    if error is None:
-                        take(message)
-                    elif error.code() == KafkaError._PARTITION_EOF:
-                        if message.partition() in parts:
-                            finish(message.partition())
-                    else:
-                        log.warning("replay read %s: %s", topic, error)
+                    take(message)
                 continue
             if not heads:
                 return
@@ -335,6 +348,71 @@ def _topic_items(
             yield item
     finally:
         consumer.close()
+
+
+class ReplaySource(TweetSource):
+    """An archive (file or folder) or a Kafka topic of Tweets, as a tweet source.
+
+    Tweets get ``source = "replay"`` and the run's ``replay_run_id``; stream lines go
+    through `tweet_from_stream_line`; what is not a tweet is `Rejected` (stage
+    ``replay``) with where it came from. Items carry their original time, so the pump
+    paces them at `speed`."""
+
+    name = "replay"
+    dead_letter_stage = "replay"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        archive: Path | None = None,
+        topic: str | None = None,
+        start: Bound | None = None,
+        stop: Bound | None = None,
+        speed: str | float = "1x",
+        run_id: str | None = None,
+    ) -> None:
+        if (archive is None) == (topic is None):
+            raise ConfigurationError("replay needs exactly one of an archive path or a topic")
+        self.speed = parse_speed(speed)
+        self.run_id = run_id or uuid.uuid4().hex
+        if archive is not None:
+            from producers.archive import archive_files
+
+            archive_files(Path(archive))  # raises FileNotFoundError before any connection
+        self.settings = settings
+        self.archive = Path(archive) if archive is not None else None
+        self.topic = topic
+        self.start = start
+        self.stop = stop
+
+    def _raw_items(self) -> Generator[_Item, None, None]:
+        if self.archive is not None:
+            return _archive_items(self.archive, self.start, self.stop)
+        return _topic_items(self.settings, str(self.topic), self.start, self.stop)
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        async for item in iterate_in_thread(self._raw_items()):
+            yield self._item(item)
+
+    def _item(self, item: _Item) -> SourceItem:
+        tweet = item.tweet
+        if tweet is None and item.line is not None:
+            try:
+                tweet = tweet_from_stream_line(
+                    item.line,
+                    source=self.name,
+                    ingested_at_ms=now_ms(),
+                    replay_run_id=self.run_id,
+                )
+            except CodecError as e:
+                raw = json.dumps(item.line).encode()
+                return SourceItem(rejected=Rejected(raw, str(e), item.where), t_ms=item.t_ms)
+        if tweet is None:
+            rejected = Rejected(item.raw or b"", item.error, item.where)
+            return SourceItem(rejected=rejected, t_ms=item.t_ms)
+        tweet = dict(tweet, source=self.name, replay_run_id=self.run_id)  # type: ignore[assignment]
+        return SourceItem(tweet=tweet, t_ms=item.t_ms)
 
 
 def replay(
@@ -357,82 +435,25 @@ def replay(
     receive time (archive) or record timestamp (topic). A missing archive raises
     FileNotFoundError, a missing topic ConfigurationError, before anything is sent.
     `speed` divides the original gaps (``"10x"``), ``"max"`` sends without waiting.
-    `run_id` defaults to a uuid4 hex. `clock` (seconds, monotonic) and `sleep` are
-    injectable for tests. Returns the counts with the run id; everything is flushed
+    `run_id` defaults to a uuid4 hex. `clock` (seconds, monotonic) and `sleep` (blocking)
+    are injectable for tests. Returns the counts with the run id; everything is flushed
     before returning.
     """
-    if (archive is None) == (topic is None):
-        raise ConfigurationError("replay needs exactly one of an archive path or a topic")
-    factor = parse_speed(speed)
-    counts = ReplayCounts(tweets=0, dead_letters=0)
-    counts.run_id = run_id or uuid.uuid4().hex
-    if archive is not None:
-        from producers.archive import archive_files
-
-        archive_files(Path(archive))  # raises FileNotFoundError before any connection
-    items: Generator[_Item, None, None] = (
-        _archive_items(Path(archive), start, stop)
-        if archive is not None
-        else _topic_items(settings, str(topic), start, stop)
+    source = ReplaySource(
+        settings,
+        archive=archive,
+        topic=topic,
+        start=start,
+        stop=stop,
+        speed=speed,
+        run_id=run_id,
     )
-    sender = TweetProducer(settings)
-    try:
-        _run(items, sender, counts, factor=factor, clock=clock, sleep=sleep)
-    finally:
-        items.close()  # a topic read's consumer at once, even when a send failed
-        sender.flush()
+
+    async def wait(seconds: float) -> None:
+        # A blocking sleep is what tests inject; the replay's loop has nothing else to do.
+        sleep(seconds)
+
+    counts = ReplayCounts(asyncio.run(run_source(settings, source, clock=clock, sleep=wait)))
+    counts.run_id = source.run_id
     log.info("replay %s: %s", counts.run_id, dict(counts))
     return counts
-
-
-def _run(
-    items: Iterable[_Item],
-    sender: TweetProducer,
-    counts: ReplayCounts,
-    *,
-    factor: float | None,
-    clock: Callable[[], float],
-    sleep: Callable[[float], Any],
-) -> None:
-    from producers.tweets import tweet_from_stream_line
-    from schemas.records import now_ms
-
-    t0: float | None = None
-    began = 0.0
-    for item in items:
-        if factor is not None and item.t_ms is not None:
-            if t0 is None:
-                t0, began = item.t_ms, clock()
-            else:
-                delay = began + (item.t_ms - t0) / 1000.0 / factor - clock()
-                if delay > 0:
-                    sleep(delay)
-                    counts["waits"] += 1
-        tweet = item.tweet
-        if tweet is None and item.line is not None:
-            try:
-                tweet = tweet_from_stream_line(
-                    item.line, source="replay", ingested_at_ms=now_ms(), replay_run_id=counts.run_id
-                )
-            except CodecError as e:
-                sender.dead_letter(
-                    json.dumps(item.line).encode(), e, stage="replay", source=item.where
-                )
-                counts["dead_letters"] += 1
-                continue
-        if tweet is None:
-            sender.dead_letter(
-                item.raw or b"", CodecError(item.error), stage="replay", source=item.where
-            )
-            counts["dead_letters"] += 1
-            continue
-        tweet = dict(tweet, source="replay", ingested_at_ms=now_ms(), replay_run_id=counts.run_id)
-        try:
-            sender.send(tweet)
-        except CodecError as e:
-            sender.dead_letter(
-                json.dumps(tweet, default=str).encode(), e, stage="replay", source=item.where
-            )
-            counts["dead_letters"] += 1
-            continue
-        counts["tweets"] += 1

@@ -6,16 +6,24 @@ n-th stream line, deterministically, whose photos live on the demo image server
 mix covers what the pipeline must cope with: one or several photos, videos and GIFs that
 are not fetched, tweets without media, and photos that fail on purpose (404, slow, HTML,
 huge, corrupt). Texts carry markup and ampersands to exercise escaping downstream.
+
+`SyntheticSource` is the tweet source of ``tagstream produce synthetic``: line *n* at
+*n / rate* seconds, resumable after the last line delivered (its position is *n*).
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from infra.demo_images import DEMO_CLASSES
+from producers.source import SourceItem, TweetSource
+from producers.tweets import tweet_from_stream_line
+from schemas.records import now_ms
 
 #: Every kind of line `SyntheticTweets.kind` may return.
 KINDS: tuple[str, ...] = (
@@ -242,3 +250,43 @@ class SyntheticTweets:
         if classes and rng.random() < 0.5:
             return rng.choice(_MENTIONING).format(word=_WORDS[rng.choice(classes)])
         return rng.choice(_PLAIN)
+
+
+class SyntheticSource(TweetSource):
+    """Lines ``start`` .. ``start + count - 1`` of `SyntheticTweets` (``count`` 0: forever),
+    line *n* due *(n - first) / rate* seconds after the first (``rate`` 0: no waiting)."""
+
+    name = "synthetic"
+    dead_letter_stage = "synthetic"
+
+    def __init__(
+        self,
+        generator: SyntheticTweets,
+        *,
+        rate: float,
+        count: int,
+        start: int = 0,
+    ) -> None:
+        if rate < 0 or count < 0 or start < 0:
+            raise ValueError("rate, count and start must be >= 0")
+        self.generator = generator
+        self.rate = rate
+        self.first = start
+        self.end = start + count if count else None
+        self.speed = 1.0 if rate > 0 else None
+
+    def start_after(self, position: Any) -> None:
+        # A restart goes on after the last line delivered; the end stays where it was.
+        self.first = int(position) + 1
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        n = self.first
+        while self.end is None or n < self.end:
+            tweet = tweet_from_stream_line(
+                self.generator.line(n), source=self.name, ingested_at_ms=now_ms()
+            )
+            t_ms = (n - self.first) * 1000.0 / self.rate if self.rate else None
+            yield SourceItem(tweet=tweet, t_ms=t_ms, position=n)
+            n += 1
+            if n % 256 == 0:
+                await asyncio.sleep(0)  # unpaced: let the loop serve stop signals

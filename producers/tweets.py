@@ -1,6 +1,6 @@
-"""X API v2 stream lines to Tweet records (schemas/Tweet.avsc), and the photos of a tweet.
+"""X API v2 stream lines to Tweet records (schemas/Tweet.avsc).
 
-Every producer (filtered stream, search, replay, synthetic) goes through
+Every X-shaped source (filtered stream, recent search, replay, synthetic) goes through
 `tweet_from_stream_line`, so the `tweets` topic holds one shape whatever the source. The
 v2 API sends media apart from the tweet, under ``includes.media``; here each tweet gets
 its own media list back, in the order of its ``attachments.media_keys``.
@@ -12,6 +12,7 @@ import html
 from typing import Any
 
 from infra.exceptions import CodecError
+from schemas.records import MatchingRule, Media, Tweet, media, tweet
 
 
 def _opt_str(obj: dict[str, Any], field: str, where: str) -> str | None:
@@ -31,7 +32,7 @@ def _opt_int(obj: dict[str, Any], field: str, where: str) -> int | None:
     return value
 
 
-def _media(line: dict[str, Any], data: dict[str, Any], where: str) -> list[dict[str, Any]]:
+def _media(line: dict[str, Any], data: dict[str, Any], where: str) -> list[Media]:
     attachments = data.get("attachments")
     if attachments is None:
         return []
@@ -53,7 +54,7 @@ def _media(line: dict[str, Any], data: dict[str, Any], where: str) -> list[dict[
             raise CodecError(f"{where}: every 'includes.media' item needs a string 'media_key'")
         by_key[item["media_key"]] = item
 
-    media: list[dict[str, Any]] = []
+    found: list[Media] = []
     seen: set[str] = set()
     for key in keys:
         item = by_key.get(key)
@@ -65,26 +66,26 @@ def _media(line: dict[str, Any], data: dict[str, Any], where: str) -> list[dict[
         mtype = item.get("type")
         if not isinstance(mtype, str) or not mtype:
             raise CodecError(f"{at}: 'type' must be a non-empty string")
-        media.append(
-            {
-                "media_key": key,
-                "type": mtype,
+        found.append(
+            media(
+                media_key=key,
+                type=mtype,
                 # Only photos have a fetchable url; a video's url would be its page.
-                "url": _opt_str(item, "url", at) if mtype == "photo" else None,
-                "preview_image_url": _opt_str(item, "preview_image_url", at),
-                "width": _opt_int(item, "width", at),
-                "height": _opt_int(item, "height", at),
-                "alt_text": _opt_str(item, "alt_text", at),
-            }
+                url=_opt_str(item, "url", at) if mtype == "photo" else None,
+                preview_image_url=_opt_str(item, "preview_image_url", at),
+                width=_opt_int(item, "width", at),
+                height=_opt_int(item, "height", at),
+                alt_text=_opt_str(item, "alt_text", at),
+            )
         )
-    return media
+    return found
 
 
-def _rules(line: dict[str, Any], where: str) -> list[dict[str, Any]]:
+def _rules(line: dict[str, Any], where: str) -> list[MatchingRule]:
     rules = line.get("matching_rules") or []
     if not isinstance(rules, list):
         raise CodecError(f"{where}: 'matching_rules' must be a list")
-    out = []
+    out: list[MatchingRule] = []
     for rule in rules:
         if not isinstance(rule, dict):
             raise CodecError(f"{where}: every matching rule must be an object")
@@ -94,7 +95,7 @@ def _rules(line: dict[str, Any], where: str) -> list[dict[str, Any]]:
             rule_id = str(rule_id)
         if not isinstance(rule_id, str):
             raise CodecError(f"{where}: matching rule without a string 'id'")
-        out.append({"id": rule_id, "tag": _opt_str(rule, "tag", f"{where}, rule {rule_id}")})
+        out.append(MatchingRule(id=rule_id, tag=_opt_str(rule, "tag", f"{where}, rule {rule_id}")))
     return out
 
 
@@ -104,8 +105,8 @@ def tweet_from_stream_line(
     source: str,
     ingested_at_ms: float,
     replay_run_id: str | None = None,
-) -> dict[str, Any]:
-    """The Tweet record (a dict for schemas/Tweet.avsc) of one v2 stream line.
+) -> Tweet:
+    """The Tweet record (schemas/records.py) of one v2 stream line.
 
     Raises `CodecError` for a line that is not a tweet: not an object, no ``data``
     object (such as an error line), no string ``id`` or ``text``, or fields of the wrong
@@ -125,21 +126,16 @@ def tweet_from_stream_line(
     text = data.get("text")
     if not isinstance(text, str):
         raise CodecError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-    return {
-        "id": tweet_id,
+    return tweet(
+        id=tweet_id,
         # X API v2 sends tweet text with &, < and > as entities; the record holds the text
         # itself, and every display escapes it once, where it is shown.
-        "text": html.unescape(text),
-        "author_id": _opt_str(data, "author_id", where),
-        "created_at": _opt_str(data, "created_at", where),
-        "media": _media(line, data, where),
-        "matching_rules": _rules(line, where),
-        "source": source,
-        "ingested_at_ms": float(ingested_at_ms),
-        "replay_run_id": replay_run_id,
-    }
-
-
-def photos(tweet: dict[str, Any]) -> list[dict[str, Any]]:
-    """The media of a Tweet record that are photos with a url (what gets fetched)."""
-    return [m for m in tweet.get("media") or [] if m.get("type") == "photo" and m.get("url")]
+        text=html.unescape(text),
+        author_id=_opt_str(data, "author_id", where),
+        created_at=_opt_str(data, "created_at", where),
+        media=_media(line, data, where),
+        matching_rules=_rules(line, where),
+        source=source,
+        ingested_at_ms=ingested_at_ms,
+        replay_run_id=replay_run_id,
+    )

@@ -7,13 +7,14 @@ not even a keep-alive, for `keepalive_timeout_s`), exponential from 5 s up to 32
 HTTP errors and in-stream error objects, and exponential from 60 s for 429, waiting for
 ``x-rate-limit-reset`` when that is later.
 
-`run_twitter_producer` turns the stream into Tweet records on `tweets`. Delivery is
+`XStreamSource` is the stream as a tweet source (producers/source.py) and
+`run_twitter_producer` syncs the rules and pumps it onto `tweets`. Delivery is
 at-least-once from the stream's point of view: the Kafka producer is idempotent, so its
 own retries never duplicate, but a reconnect may replay tweets the API already sent.
-Tweet ids are the record keys and a bounded memory of recent ids drops the replays it
-sees, so duplicates can only come from a restart of the process. Lines that are not
-tweets go to `deadletter` with their bytes; nothing read from the stream is dropped
-silently.
+Tweet ids are the record keys and the pump's bounded memory of recent ids drops the
+replays it sees, so duplicates can only come from a restart of the process. Lines that
+are not tweets go to `deadletter` with their bytes; nothing read from the stream is
+dropped silently.
 
 The bearer token lives in a `SecretStr` and is unwrapped only to build the Authorization
 header of a request: it is never logged, never put in an exception message, never in a
@@ -27,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,11 @@ import aiohttp
 from pydantic import SecretStr
 
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
+from infra.record_producer import SourceRef
 from infra.settings import Settings
-from producers.kafka import TweetProducer
-
-#: Where stream lines come from, for their dead letters (no topic, partition or offset).
-X_STREAM_SOURCE = ("x-api-stream", -1, -1)
+from producers.source import Rejected, SourceItem, TweetSource, run_source
+from producers.tweets import tweet_from_stream_line
+from schemas.records import now_ms
 
 if TYPE_CHECKING:
     from producers.archive import StreamArchive
@@ -58,7 +59,7 @@ STREAM_PARAMS = {
     "tweet.fields": "created_at,author_id,attachments",
 }
 
-# The documented back-off schedule (SEED_NOTES.md, "X API v2 facts").
+# The back-off schedule X documents for the filtered stream (docs/sources.md).
 NETWORK_STEP_S = 0.25
 NETWORK_MAX_S = 16.0
 HTTP_FIRST_S = 5.0
@@ -519,10 +520,42 @@ class FilteredStream(XApiClient):
         return MalformedLine(raw=raw, error="object with neither 'data' nor 'errors'")
 
 
-# Producer ------------------------------------------------------------------------------
+# Source --------------------------------------------------------------------------------
 
 #: Tweet ids remembered to drop the replays of a reconnect.
 RECENT_IDS = 50_000
+
+#: Where stream lines come from, for their dead letters (no topic, partition or offset).
+X_STREAM_SOURCE = SourceRef("x-api-stream")
+
+
+class XStreamSource(TweetSource):
+    """The tweets of a `FilteredStream`; lines that are not tweets are `Rejected`.
+
+    The stream may replay tweets after a reconnect: the pump drops repeats of the last
+    `RECENT_IDS` ids. Each line read is handed on as ``raw`` for the archive."""
+
+    name = "twitter"
+    dead_letter_stage = "x_stream"
+    repeats = RECENT_IDS
+
+    def __init__(self, stream: FilteredStream) -> None:
+        self.stream = stream
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        async with contextlib.aclosing(self.stream.stream_lines()) as lines:
+            async for line in lines:
+                if isinstance(line, MalformedLine):
+                    rejected = Rejected(line.raw, line.error, X_STREAM_SOURCE)
+                    yield SourceItem(rejected=rejected, raw=line.raw)
+                    continue
+                try:
+                    tweet = tweet_from_stream_line(line, source=self.name, ingested_at_ms=now_ms())
+                except CodecError as e:
+                    rejected = Rejected(json.dumps(line).encode(), str(e), X_STREAM_SOURCE)
+                    yield SourceItem(rejected=rejected, raw=line)
+                    continue
+                yield SourceItem(tweet=tweet, raw=line)
 
 
 async def run_twitter_producer(
@@ -561,65 +594,17 @@ async def run_twitter_producer(
         )
         if dry_run:
             return counts
-        producer = TweetProducer(settings)
         try:
-            pump = asyncio.create_task(_pump(stream, producer, counts, max_tweets, archive))
-            waits: set[asyncio.Task] = {pump}
-            if stop is not None:
-                waits.add(asyncio.create_task(stop.wait()))
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
-            if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                raise pump.exception()  # type: ignore[misc]
+            counts.update(
+                await run_source(
+                    settings,
+                    XStreamSource(stream),
+                    stop=stop,
+                    max_tweets=max_tweets,
+                    archive=archive,
+                )
+            )
         finally:
-            # Blocking flush off the loop: it waits for every delivery report.
-            await asyncio.to_thread(producer.flush)
             counts.update(stream.counters)
     log.info("X stream producer: %s", dict(counts))
     return counts
-
-
-async def _pump(
-    stream: FilteredStream,
-    producer: TweetProducer,
-    counts: Counter[str],
-    max_tweets: int | None,
-    archive: StreamArchive | None = None,
-) -> None:
-    from producers.tweets import tweet_from_stream_line
-    from schemas.records import now_ms
-
-    recent: OrderedDict[str, None] = OrderedDict()
-    async with contextlib.aclosing(stream.stream_lines()) as lines:
-        async for item in lines:
-            if archive is not None:
-                archive.write(item.raw if isinstance(item, MalformedLine) else item)
-                counts["archived"] += 1
-            if isinstance(item, MalformedLine):
-                producer.dead_letter(
-                    item.raw, CodecError(item.error), stage="x_stream", source=X_STREAM_SOURCE
-                )
-                counts["dead_letters"] += 1
-                continue
-            try:
-                tweet = tweet_from_stream_line(item, source="twitter", ingested_at_ms=now_ms())
-            except CodecError as e:
-                producer.dead_letter(
-                    json.dumps(item).encode(), e, stage="x_stream", source=X_STREAM_SOURCE
-                )
-                counts["dead_letters"] += 1
-                continue
-            if tweet["id"] in recent:
-                counts["duplicates"] += 1
-                continue
-            recent[tweet["id"]] = None
-            if len(recent) > RECENT_IDS:
-                recent.popitem(last=False)
-            producer.send(tweet)
-            counts["tweets"] += 1
-            if max_tweets is not None and counts["tweets"] >= max_tweets:
-                return

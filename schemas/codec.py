@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import fastavro
 from fastavro.read import SchemaResolutionError
@@ -37,10 +37,7 @@ from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
-from infra.exceptions import CodecError
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
+from schemas.errors import CodecError
 
 __all__ = ["RECORD_NAMES", "SINGLE_OBJECT_MARKER", "CONFLUENT_MAGIC", "Codec"]
 
@@ -203,6 +200,12 @@ def _registry_message(error: urllib.error.HTTPError) -> str:
     return error.reason if isinstance(error.reason, str) else "no detail"
 
 
+class RegistrySettings(Protocol):
+    """What `Codec.from_settings` reads of the settings object (infra/settings.py)."""
+
+    schema_registry_url: str | None
+
+
 class Codec:
     """Encodes and decodes tagstream records as Avro, with or without a schema registry.
 
@@ -233,7 +236,7 @@ class Codec:
         self._by_id: dict[int, _Schema] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Codec:
+    def from_settings(cls, settings: RegistrySettings) -> Codec:
         """The codec the settings ask for: a registry when one is configured."""
         return cls(registry_url=settings.schema_registry_url)
 

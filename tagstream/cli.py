@@ -8,6 +8,9 @@ import logging
 import signal
 import sys
 import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 from infra.settings import get_settings
 
@@ -63,22 +66,39 @@ def cmd_serve_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_with_signals(main) -> Any:
+    """Run coroutine function `main(stop)` with SIGINT/SIGTERM setting `stop`."""
+
+    async def run() -> Any:
+        # An asyncio.Event, set from the loop's own signal handlers, stops a source at once.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        return await main(stop)
+
+    return asyncio.run(run())
+
+
 def cmd_produce_synthetic(args: argparse.Namespace) -> int:
-    from producers.kafka import produce_synthetic
+    from producers.source import PositionFile, run_source
+    from producers.synthetic import SyntheticSource, SyntheticTweets
 
     settings = get_settings()
     base = (
         args.image_base_url or f"http://{settings.image_server_host}:{settings.image_server_port}"
     )
-    sent = produce_synthetic(
-        settings,
-        image_base_url=base,
+    source = SyntheticSource(
+        SyntheticTweets(image_base_url=base, seed=args.seed),
         rate=args.rate,
         count=args.count,
-        seed=args.seed,
-        stop=_stop_on_signals(),
+        start=args.start,
     )
-    print(f"produced {sent} synthetic tweets", flush=True)
+    positions = PositionFile(Path(args.state)) if args.state else None
+    counts = _run_with_signals(
+        lambda stop: run_source(settings, source, stop=stop, positions=positions)
+    )
+    print(f"produced {counts['tweets']} synthetic tweets", flush=True)
     return 0
 
 
@@ -106,12 +126,7 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
     if _no_bearer_token(settings, "filtered stream"):
         return 2
 
-    async def run() -> dict:
-        # An asyncio.Event, set from the loop's own signal handlers, stops the stream at once.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+    async def run(stop: asyncio.Event) -> Counter[str]:
         archive = None
         if args.archive is not None and not args.dry_run:
             from producers.archive import StreamArchive
@@ -130,15 +145,13 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
             if archive is not None:
                 archive.close()
 
-    counts = asyncio.run(run())
+    counts = _run_with_signals(run)
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
     return 0
 
 
 def cmd_produce_replay(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from producers.replay import parse_bound, replay
 
     settings = get_settings()
@@ -315,6 +328,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--count", type=int, default=100, help="tweets, 0 = forever (default: 100)"
     )
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    synthetic.add_argument(
+        "--start", type=int, default=0, help="first line number of the generator (default: 0)"
+    )
+    synthetic.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="resume position file: a restart goes on after the last line delivered "
+        "(default: none, start at --start)",
+    )
     synthetic.add_argument(
         "--image-base-url", default=None, help="default: the configured image server"
     )

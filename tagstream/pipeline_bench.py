@@ -3,7 +3,7 @@
 - standalone ONNX Runtime on preprocessed batches: the ceiling for this model here;
 - the inference consumer on the same images through Kafka (decode pool, batching,
   produce, commit-after-delivery), as a share of that ceiling;
-- our fetch + decode + inference path against a seed-style baseline (blocking
+- our fetch + decode + inference path against the ELEN 6889 report's way (blocking
   fetch one image at a time, full decode, eager PyTorch) on the same URLs.
 
 Timings are never asserted in tests; they are printed here and reported in notes.
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from infra.settings import Settings
-from schemas.records import now_ms
+from schemas import records
+from schemas.records import ImageEvent, now_ms
 
 
 @dataclass
@@ -47,20 +48,17 @@ def bench_standalone(classifier, images: list[bytes], batch: int) -> Figure:
     return Figure("ONNX Runtime alone, preprocessed batches", len(arrays), elapsed)
 
 
-def _image_event(i: int, data: bytes) -> dict:
-    return {
-        "tweet_id": str(i),
-        "media_key": f"bench_{i}",
-        "url": f"bench://{i}",
-        "position": 0,
-        "tweet_text": "",
-        "matching_rules": [],
-        "content_type": "image/jpeg",
-        "image": data,
-        "source": "bench",
-        "replay_run_id": None,
-        "timestamps": {"ingested": now_ms()},
-    }
+def _image_event(i: int, data: bytes) -> ImageEvent:
+    tweet = records.tweet(id=str(i), text="", source="bench", ingested_at_ms=now_ms())
+    photo = records.media(media_key=f"bench_{i}", type="photo", url=f"bench://{i}")
+    return records.image_event(
+        tweet=tweet,
+        photo=photo,
+        position=0,
+        content_type="image/jpeg",
+        image=data,
+        timestamps={"ingested": tweet["ingested_at_ms"]},
+    )
 
 
 def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figure:
@@ -68,22 +66,15 @@ def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figur
 
     The group join and warm-up are excluded: they are start-up, not throughput.
     """
-    from confluent_kafka import Producer
-
-    from infra.kafka import produce, producer_config
+    from infra.record_producer import RecordProducer
     from infra.topics import ensure_topics
     from processors.inference import InferenceConsumer
-    from schemas.codec import Codec
 
     settings = settings.model_copy(update={"topic_prefix": f"bench{uuid.uuid4().hex[:8]}-"})
     ensure_topics(settings)
-    codec = Codec.from_settings(settings)
-    producer = Producer(producer_config(settings))
-    topic = settings.topic("images")
-    for i, data in enumerate(images):
-        value = codec.encode("ImageEvent", _image_event(i, data), topic=topic)
-        produce(producer, topic, key=str(i).encode(), value=value, on_delivery=None)
-    producer.flush(30)
+    with RecordProducer(settings) as producer:
+        for i, data in enumerate(images):
+            producer.send("images", _image_event(i, data), key=str(i))
 
     consumer = InferenceConsumer(settings, classifier)
     stop = threading.Event()
@@ -117,7 +108,7 @@ def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figur
 def bench_fetch_paths(
     classifier, checkpoint: Path, urls: list[str], batch: int
 ) -> tuple[Figure, Figure]:
-    """Ours (async fetch, draft decode pool, ONNX Runtime) vs the seed's way on the same URLs."""
+    """Ours (async fetch, draft decode pool, ONNX Runtime) vs the report's way on the same URLs."""
     import torch
     from PIL import Image
 
@@ -161,7 +152,8 @@ def bench_fetch_paths(
     std = torch.tensor(classifier.manifest.std).view(3, 1, 1)
     started = time.perf_counter()
     tensors = []
-    for url in urls:  # as the seed did: one blocking request at a time, full decode, resize
+    # As the ELEN 6889 report did: one blocking request at a time, full decode, resize.
+    for url in urls:
         with urllib.request.urlopen(url, timeout=5) as response:
             image = Image.open(io.BytesIO(response.read())).convert("RGB")
         image = image.resize((size, size))
@@ -171,7 +163,7 @@ def bench_fetch_paths(
         for start in range(0, len(tensors), batch):
             model(torch.stack(tensors[start : start + batch]))
     seed_figure = Figure(
-        "seed-style: blocking fetch + full decode + eager PyTorch",
+        "ELEN 6889 report-style: blocking fetch + full decode + eager PyTorch",
         len(urls),
         time.perf_counter() - started,
     )
@@ -258,5 +250,5 @@ def run_bench(settings: Settings, *, images: int = 512) -> int:
     print()
     print(f"consumer through Kafka / ONNX Runtime alone: {consumer.rate / standalone.rate:.2f}")
     print(f"INT8 / FP32, ONNX Runtime alone: {int8.rate / standalone.rate:.2f}")
-    print(f"ours / seed-style baseline (fetch+decode+infer): {ours.rate / seed.rate:.2f}")
+    print(f"ours / report-style baseline (fetch+decode+infer): {ours.rate / seed.rate:.2f}")
     return 0

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from infra.kafka import consumed
 from infra.settings import Settings
 
 
@@ -46,9 +47,7 @@ class KafkaReader:
     ) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not done(self.found):
-            for message in self.consumer.consume(500, timeout=0.5):
-                if message.error():
-                    continue
+            for message in consumed(self.consumer, 500, 0.5):
                 short = self.names[message.topic()]
                 value = self.codec.decode(self.records[short], message.value())
                 value["_key"] = message.key()
@@ -110,3 +109,45 @@ class Sleeps:
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
+
+
+class RecordingProducer:
+    """A stand-in for RecordProducer in unit tests: encodes each record (so a value that
+    does not fit its schema fails here too) and keeps what would have been produced."""
+
+    def __init__(self) -> None:
+        from infra.settings import Settings
+        from infra.topics import TOPIC_RECORDS
+        from schemas.codec import Codec
+
+        self.codec = Codec()
+        self.records = TOPIC_RECORDS
+        self.settings = Settings()
+        self.sent: list[tuple[str, str | bytes | None, dict]] = []
+        self.flushed = 0
+
+    def send(self, topic: str, value: dict, *, key: str | bytes | None, on_delivery=None) -> None:
+        record = self.records[topic]
+        self.sent.append((topic, key, self.codec.decode(record, self.codec.encode(record, value))))
+        if on_delivery is not None:
+            on_delivery(None)
+
+    def dead_letter(self, source, stage: str, error: BaseException, *, on_delivery=None, **ids):
+        from infra.record_producer import RecordProducer
+
+        letter = RecordProducer.dead_letter_record(source, stage, error, **ids)
+        key = ids.get("media_key") or ids.get("tweet_id") or source.key
+        self.send("deadletter", letter, key=key, on_delivery=on_delivery)
+
+    async def deliver(self, outgoing) -> None:
+        for o in outgoing:
+            self.send(o.topic, dict(o.value), key=o.key)
+
+    def of(self, topic: str) -> list[dict]:
+        return [value for t, _, value in self.sent if t == topic]
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self.flushed += 1
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.flush(timeout_s)

@@ -1,4 +1,4 @@
-"""The embedded broker: start, topics of DESIGN.md, produce/consume, clean stop."""
+"""The embedded broker: start, our topics, produce/consume, clean stop."""
 
 from __future__ import annotations
 

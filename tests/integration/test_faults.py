@@ -10,9 +10,9 @@ import time
 import pytest
 
 from infra.broker import free_port
-from producers.kafka import TweetProducer
-from producers.tweets import photos, tweet_from_stream_line
-from schemas.records import now_ms
+from infra.record_producer import RecordProducer
+from producers.tweets import tweet_from_stream_line
+from schemas.records import now_ms, photos
 from tagstream.up import ProcessGroup, child_env, faust_argv
 from tests.helpers import KafkaReader, settings_env
 
@@ -61,10 +61,9 @@ def test_kill_9_of_the_faust_worker_with_a_slow_photo_in_flight_loses_nothing(
     reader = KafkaReader(settings, {"images": "ImageEvent", "deadletter": "DeadLetter"})
     try:
         group.start("faust", faust_argv(settings))
-        producer = TweetProducer(settings)
-        for tweet in tweets:
-            producer.send(tweet)
-        producer.flush()
+        with RecordProducer(settings) as producer:
+            for tweet in tweets:
+                producer.send("tweets", tweet, key=tweet["id"])
         # Every fast tweet done, the slow one still fetching; then two commit intervals.
         reader.read_until(lambda f: len(f["images"]) >= len(tweets) - 1, timeout_s=90)
         assert f"3_{slow_n}" not in {r["media_key"] for r in reader.found["images"]}

@@ -5,33 +5,35 @@ from __future__ import annotations
 import threading
 
 import pytest
-from confluent_kafka import Producer
 
 from infra.demo_images import render_demo_jpeg
-from infra.kafka import producer_config
+from infra.record_producer import RecordProducer
 from models.runtime import OnnxClassifier
 from processors.inference import InferenceConsumer
-from schemas.codec import Codec
-from schemas.records import now_ms
+from schemas import records
+from schemas.records import ImageEvent, now_ms
 from tests.helpers import KafkaReader
 
 pytestmark = pytest.mark.integration
 
 
-def image_event(i: int, data: bytes) -> dict:
-    return {
-        "tweet_id": f"t{i}",
-        "media_key": f"m{i}",
-        "url": f"http://example.invalid/{i}.jpg",
-        "position": 0,
-        "tweet_text": "<b>bold</b> & more",
-        "matching_rules": [],
-        "content_type": "image/jpeg",
-        "image": data,
-        "source": "test",
-        "replay_run_id": "run-1",
-        "timestamps": {"ingested": now_ms()},
-    }
+def image_event(i: int, data: bytes) -> ImageEvent:
+    tweet = records.tweet(
+        id=f"t{i}",
+        text="<b>bold</b> & more",
+        source="test",
+        ingested_at_ms=now_ms(),
+        replay_run_id="run-1",
+    )
+    photo = records.media(media_key=f"m{i}", type="photo", url=f"http://example.invalid/{i}.jpg")
+    return records.image_event(
+        tweet=tweet,
+        photo=photo,
+        position=0,
+        content_type="image/jpeg",
+        image=data,
+        timestamps={"ingested": tweet["ingested_at_ms"]},
+    )
 
 
 def run_until(consumer: InferenceConsumer, done, *, timeout_s: float = 60.0) -> None:
@@ -52,19 +54,17 @@ def test_results_dead_letters_and_offsets_committed_after_delivery(
     make_settings, demo_model_dir
 ) -> None:
     settings = make_settings(batch_max_size=8, model_dir=demo_model_dir)
-    codec = Codec.from_settings(settings)
     classifier = OnnxClassifier(demo_model_dir)
-    producer = Producer(producer_config(settings))
-    topic = settings.topic("images")
     classes = list(classifier.classes)
     good = {f"m{i}": classes[i % len(classes)] for i in range(40)}
-    for i in range(40):
-        data = render_demo_jpeg(classes[i % len(classes)], 500_000 + i)
-        producer.produce(topic, key=f"m{i}", value=codec.encode("ImageEvent", image_event(i, data)))
-    corrupt = image_event(40, b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)
-    producer.produce(topic, key="m40", value=codec.encode("ImageEvent", corrupt))
-    producer.produce(topic, key="m41", value=b"\xc3\x01 not an image event")
-    producer.flush(10)
+    with RecordProducer(settings) as producer:
+        for i in range(40):
+            data = render_demo_jpeg(classes[i % len(classes)], 500_000 + i)
+            producer.send("images", image_event(i, data), key=f"m{i}")
+        corrupt = image_event(40, b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)
+        producer.send("images", corrupt, key="m40")
+        topic = settings.topic("images")
+        producer.send_raw(topic, key="m41", value=b"\xc3\x01 not an image event")
 
     first = InferenceConsumer(settings, classifier, consumer_id="first")
     run_until(first, lambda: first.stats.images + first.stats.dead_letters >= 42)

@@ -14,10 +14,10 @@ import pytest
 
 from infra.broker import free_port
 from infra.image_server import truth_from_url
-from producers.kafka import TweetProducer
+from infra.record_producer import RecordProducer
 from producers.synthetic import SyntheticTweets
-from producers.tweets import photos, tweet_from_stream_line
-from schemas.records import now_ms
+from producers.tweets import tweet_from_stream_line
+from schemas.records import now_ms, photos
 from tagstream.up import ProcessGroup, child_env, faust_argv, tagstream_argv
 from tests.helpers import KafkaReader, settings_env
 
@@ -79,11 +79,11 @@ def test_every_tweet_and_photo_is_accounted_for_exactly_once(
     group = start_stage(settings, tmp_path, "faust", "infer")
     reader = KafkaReader(settings, OUTPUTS)
     try:
-        producer = TweetProducer(settings)
-        producer.send_raw(b"garbage", b"\x00\x01 this is not an Avro record")
-        for tweet in tweets:
-            producer.send(tweet)
-        producer.flush()
+        with RecordProducer(settings) as producer:
+            raw = b"\x00\x01 this is not an Avro record"
+            producer.send_raw(settings.topic("tweets"), key=b"garbage", value=raw)
+            for tweet in tweets:
+                producer.send("tweets", tweet, key=tweet["id"])
 
         def accounted(found) -> bool:
             assert not group.exited(), logs(tmp_path)
@@ -182,10 +182,9 @@ def test_over_rate_tweets_are_shed_on_record(make_settings, image_server, tmp_pa
     group = start_stage(settings, tmp_path, "faust")
     reader = KafkaReader(settings, {"images": "ImageEvent", "tweets.shed": "ShedRecord"})
     try:
-        producer = TweetProducer(settings)
-        for tweet in tweets:
-            producer.send(tweet)
-        producer.flush()
+        with RecordProducer(settings) as producer:
+            for tweet in tweets:
+                producer.send("tweets", tweet, key=tweet["id"])
 
         def accounted(found) -> bool:
             assert not group.exited(), logs(tmp_path)

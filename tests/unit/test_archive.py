@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from datetime import UTC, datetime
@@ -11,9 +12,12 @@ from typing import Any
 import pytest
 
 from infra.exceptions import ConfigurationError
+from infra.settings import Settings
 from producers import replay as replay_module
 from producers.archive import StreamArchive, archive_files, read_archive
-from producers.replay import ReplayCounts, _archive_items, _run, parse_bound, parse_speed
+from producers.replay import ReplaySource, parse_bound, parse_speed
+from producers.source import pump
+from tests.helpers import RecordingProducer
 
 
 def line(n: int) -> dict[str, Any]:
@@ -122,21 +126,6 @@ def test_parse_speed_and_bounds() -> None:
         parse_bound("yesterday")
 
 
-class RecordingSender:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.letters: list[tuple[bytes, str, tuple[str, int, int]]] = []
-
-    def send(self, tweet: dict[str, Any]) -> None:
-        self.sent.append(tweet)
-
-    def dead_letter(
-        self, raw: bytes, error: BaseException, *, stage: str, source: tuple[str, int, int]
-    ) -> None:
-        assert stage == "replay"
-        self.letters.append((raw, str(error), source))
-
-
 class SimClock:
     """A monotonic clock that a sleep moves forward, plus some work time per read."""
 
@@ -163,15 +152,16 @@ def archived(tmp_path: Path, gaps_ms: list[float]) -> Path:
     return tmp_path / "a"
 
 
-def replay_sim(path: Path, speed: str, **bounds: Any) -> tuple[SimClock, RecordingSender, Any]:
+def replay_sim(path: Path, speed: str, **bounds: Any) -> tuple[SimClock, Any, Any]:
     sim = SimClock()
-    sender = RecordingSender()
-    counts = ReplayCounts()
-    counts.run_id = "run-1"
-    factor = parse_speed(speed)
-    items = _archive_items(path, bounds.get("start"), bounds.get("stop"))
-    _run(items, sender, counts, factor=factor, clock=sim.clock, sleep=sim.sleep)  # type: ignore[arg-type]
-    return sim, sender, counts
+    producer = RecordingProducer()
+    source = ReplaySource(Settings(), archive=path, speed=speed, run_id="run-1", **bounds)
+
+    async def sleep(seconds: float) -> None:
+        sim.sleep(seconds)
+
+    counts = asyncio.run(pump(source, producer, clock=sim.clock, sleep=sleep))  # type: ignore[arg-type]
+    return sim, producer, counts
 
 
 def test_replay_at_10x_sleeps_the_original_gaps_over_ten(tmp_path: Path) -> None:
@@ -181,24 +171,26 @@ def test_replay_at_10x_sleeps_the_original_gaps_over_ten(tmp_path: Path) -> None
     for asked, gap in zip(sim.sleeps, gaps, strict=True):
         assert asked == pytest.approx(gap / 10 / 1000, abs=0.001)
     assert counts["tweets"] == len(gaps) and counts["dead_letters"] == 1
-    assert [t["id"] for t in sender.sent] == [f"{1000 + n}" for n in range(len(gaps) + 1) if n != 3]
-    assert all(t["replay_run_id"] == "run-1" and t["source"] == "replay" for t in sender.sent)
-    assert sender.sent[0]["text"] == "tweet 0 & more"
-    raw, _, where = sender.letters[0]
-    assert raw == b"garbage" and where[2] == 3
+    sent = sender.of("tweets")
+    assert [t["id"] for t in sent] == [f"{1000 + n}" for n in range(len(gaps) + 1) if n != 3]
+    assert all(t["replay_run_id"] == "run-1" and t["source"] == "replay" for t in sent)
+    assert sent[0]["text"] == "tweet 0 & more"
+    (letter,) = sender.of("deadletter")
+    assert letter["payload"] == b"garbage" and letter["source_offset"] == 3
+    assert letter["stage"] == "replay" and letter["source_topic"].startswith("archive:")
 
 
 def test_replay_max_never_sleeps_and_bounds_select(tmp_path: Path) -> None:
     path = archived(tmp_path, [100.0] * 9)
     sim, sender, _ = replay_sim(path, "max")
-    assert sim.sleeps == [] and len(sender.sent) == 9
+    assert sim.sleeps == [] and len(sender.of("tweets")) == 9
     _, sender, _ = replay_sim(path, "max", start=4, stop=7)
-    assert [t["id"] for t in sender.sent] == ["1004", "1005", "1006"]
+    assert [t["id"] for t in sender.of("tweets")] == ["1004", "1005", "1006"]
     t0 = 1_700_000_000_000.0
     start = datetime.fromtimestamp((t0 + 250) / 1000, UTC)
     stop = datetime.fromtimestamp((t0 + 500) / 1000, UTC)
     _, sender, _ = replay_sim(path, "max", start=start, stop=stop)
-    assert [t["id"] for t in sender.sent] == ["1004"]  # 1003 (300 ms) is the garbage line
+    assert [t["id"] for t in sender.of("tweets")] == ["1004"]  # 1003 (300 ms) is the garbage line
 
 
 def test_replay_needs_one_source() -> None:

@@ -14,7 +14,8 @@ from infra.demo_images import DEMO_CLASSES
 from infra.exceptions import CodecError
 from infra.image_server import truth_from_url
 from producers.synthetic import KINDS, SyntheticTweets
-from producers.tweets import photos, tweet_from_stream_line
+from producers.tweets import tweet_from_stream_line
+from schemas.records import photos
 
 BASE = "http://127.0.0.1:8089"
 TWEET_SCHEMA = fastavro.parse_schema(

@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from infra.broker import free_port
-from producers.tweets import photos, tweet_from_stream_line
+from producers.tweets import tweet_from_stream_line
 from producers.xapi import (
     STREAM_PARAMS,
     FilteredStream,
@@ -30,6 +30,7 @@ from producers.xapi import (
     general_rules,
     targeted_rules,
 )
+from schemas.records import photos
 from tests.helpers import Sleeps, run_cli, serve_locally
 
 TOKEN = "tok-very-secret-123"

@@ -1,0 +1,204 @@
+"""The shedding/fetch stage's decisions, with a fake fetcher (no Kafka, no Faust), and the
+agent loop's in-order acks with fake events."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from infra.exceptions import RejectedFetchError
+from infra.fetcher import FetchedImage
+from infra.record_producer import SourceRef
+from processors.admission import AdmissionController
+from processors.shed_and_fetch import Consumed, ShedAndFetch, run_agent
+from schemas.codec import Codec
+from tests.helpers import RecordingProducer
+
+JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
+
+
+class FakeFetcher:
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    async def fetch(self, url: str) -> FetchedImage:
+        self.urls.append(url)
+        if "bad" in url:
+            raise RejectedFetchError(f"HTTP 404 for {url}")
+        return FetchedImage(url, url, "image/jpeg", JPEG, 1.0, 1)
+
+
+def tweet(tweet_id: str, *media: tuple[str, str | None]) -> dict:
+    return {
+        "id": tweet_id,
+        "text": "a & b",
+        "media": [
+            {"media_key": f"{tweet_id}_{i}", "type": kind, "url": url}
+            for i, (kind, url) in enumerate(media)
+        ],
+        "matching_rules": [{"id": "1", "tag": "cats"}],
+        "source": "test",
+        "ingested_at_ms": 1.0,
+    }
+
+
+def run(stage: ShedAndFetch, codec: Codec, value: bytes, offset: int = 0) -> list[tuple[str, dict]]:
+    consumed = Consumed(value, SourceRef("tweets", 0, offset, b"k"))
+    outgoing = asyncio.run(stage.process(consumed))
+    records = {"images": "ImageEvent", "tweets.shed": "ShedRecord", "deadletter": "DeadLetter"}
+    # Through the codec, as the producer would: every value must fit its schema.
+    return [
+        (o.topic, codec.decode(records[o.topic], codec.encode(records[o.topic], o.value)))
+        for o in outgoing
+    ]
+
+
+def make(rate: float = 100.0, burst: float = 100.0) -> tuple[ShedAndFetch, Codec, FakeFetcher]:
+    codec, fetcher = Codec(), FakeFetcher()
+    stage = ShedAndFetch(
+        codec=codec, fetcher=fetcher, admission=AdmissionController(rate=rate, burst=burst)
+    )
+    return stage, codec, fetcher
+
+
+def test_photos_become_image_events_and_failed_fetches_dead_letters() -> None:
+    stage, codec, fetcher = make()
+    value = codec.encode(
+        "Tweet", tweet("1", ("photo", "http://h/a.jpg"), ("video", None), ("photo", "http://h/bad"))
+    )
+    out = run(stage, codec, value, offset=7)
+    assert [topic for topic, _ in out] == ["images", "deadletter"]
+    image, dead = out[0][1], out[1][1]
+    assert image["media_key"] == "1_0" and image["image"] == JPEG and image["tweet_text"] == "a & b"
+    assert image["matching_rules"] == ["cats"] and image["position"] == 0
+    assert dead["stage"] == "fetch" and dead["media_key"] == "1_2" and dead["source_offset"] == 7
+    assert fetcher.urls == ["http://h/a.jpg", "http://h/bad"]  # never the video
+
+
+def test_no_photo_and_over_rate_are_shed_with_reasons() -> None:
+    stage, codec, fetcher = make(rate=0.001, burst=1.0)
+    out = run(stage, codec, codec.encode("Tweet", tweet("1", ("animated_gif", None))))
+    assert out[0][0] == "tweets.shed" and out[0][1]["reason"] == "no_photo"
+    assert out[0][1]["detail"] == "media: animated_gif"
+    first = run(stage, codec, codec.encode("Tweet", tweet("2", ("photo", "http://h/a.jpg"))))
+    second = run(stage, codec, codec.encode("Tweet", tweet("3", ("photo", "http://h/b.jpg"))))
+    assert first[0][0] == "images"
+    assert second[0][0] == "tweets.shed" and second[0][1]["reason"] == "over_rate"
+    assert second[0][1]["media_keys"] == ["3_0"] and fetcher.urls == ["http://h/a.jpg"]
+
+
+def test_garbage_is_a_dead_letter_with_its_bytes() -> None:
+    stage, codec, _ = make()
+    (out,) = run(stage, codec, b"\xc3\x01garbage", offset=3)
+    assert out[0] == "deadletter"
+    assert out[1]["stage"] == "decode_tweet" and out[1]["payload"] == b"\xc3\x01garbage"
+    assert out[1]["error_class"] == "CodecError" and out[1]["source_offset"] == 3
+
+
+@dataclass
+class FakeMessage:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class FakeEvent:
+    """A Faust event as `run_agent` sees it: value, key, message and ack()."""
+
+    value: bytes
+    message: FakeMessage
+    acks: list = field(repr=False)
+    key: bytes | None = None
+
+    def ack(self) -> None:
+        self.acks.append((self.message.partition, self.message.offset))
+
+
+class GatedFetcher:
+    """Fetches that finish only when a test opens their URL's gate."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: list[str] = []
+
+    def gate(self, url: str) -> asyncio.Event:
+        return self.gates.setdefault(url, asyncio.Event())
+
+    async def fetch(self, url: str) -> FetchedImage:
+        self.started.append(url)
+        await self.gate(url).wait()
+        return FetchedImage(url, url, "image/jpeg", JPEG, 1.0, 1)
+
+
+def test_agent_acks_in_offset_order_while_a_slow_photo_holds_only_the_acks() -> None:
+    async def main() -> None:
+        codec, fetcher, producer = Codec(), GatedFetcher(), RecordingProducer()
+        stage = ShedAndFetch(
+            codec=codec, fetcher=fetcher, admission=AdmissionController(rate=1e6, burst=1e6)
+        )
+        acks: list[tuple[int, int]] = []
+        urls = [f"http://h/{n}.jpg" for n in range(6)]
+        events = [
+            FakeEvent(
+                codec.encode("Tweet", tweet(str(n), ("photo", urls[n]))),
+                FakeMessage("tweets", n % 2, 10 + n // 2),
+                acks,
+            )
+            for n in range(6)
+        ]
+        stream: asyncio.Queue = asyncio.Queue()
+
+        async def feed():
+            while (event := await stream.get()) is not None:
+                yield event
+
+        agent = asyncio.create_task(
+            run_agent(feed(), stage, producer, max_in_flight=10, max_unacked=100)
+        )
+        for event in events:
+            stream.put_nowait(event)
+        for url in urls[1:]:  # every photo but the first (partition 0, offset 10) is fast
+            fetcher.gate(url).set()
+        await asyncio.sleep(0.05)
+        # All six fetches started (the slow one holds no work back); the five fast
+        # tweets are delivered, but partition 0 acks nothing past its slow offset 10.
+        assert len(fetcher.started) == 6 and len(producer.of("images")) == 5
+        assert acks == [(1, 10), (1, 11), (1, 12)]
+        fetcher.gate(urls[0]).set()
+        await asyncio.sleep(0.05)
+        assert sorted(acks[3:]) == [(0, 10), (0, 11), (0, 12)] and acks[3] == (0, 10)
+        stream.put_nowait(None)
+        await asyncio.wait_for(agent, 1)
+
+    asyncio.run(main())
+
+
+def test_agent_stops_consuming_when_the_unacked_window_is_full() -> None:
+    async def main() -> None:
+        codec, fetcher, producer = Codec(), GatedFetcher(), RecordingProducer()
+        stage = ShedAndFetch(
+            codec=codec, fetcher=fetcher, admission=AdmissionController(rate=1e6, burst=1e6)
+        )
+        acks: list[tuple[int, int]] = []
+        consumed: list[int] = []
+
+        async def feed():
+            for n in range(10):
+                consumed.append(n)
+                value = codec.encode("Tweet", tweet(str(n), ("photo", f"http://h/{n}")))
+                yield FakeEvent(value, FakeMessage("tweets", 0, n), acks)
+
+        for n in range(1, 10):
+            fetcher.gate(f"http://h/{n}").set()
+        agent = asyncio.create_task(
+            run_agent(feed(), stage, producer, max_in_flight=10, max_unacked=4)
+        )
+        await asyncio.sleep(0.05)
+        # Offset 0 is slow: 1..3 finish, but the window of 4 unacked tweets is full.
+        assert consumed == [0, 1, 2, 3, 4] and acks == []
+        fetcher.gate("http://h/0").set()
+        await asyncio.wait_for(agent, 1)
+        assert acks == [(0, n) for n in range(10)]
+
+    asyncio.run(main())
