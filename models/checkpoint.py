@@ -29,7 +29,9 @@ class Trained:
         return self.checkpoint["classes"]
 
 
-def load_trained(path: str | Path, *, data: str | None = None, augment: bool = False) -> Trained:
+def load_trained(
+    path: str | Path, *, data: str | Path | None = None, augment: bool = False
+) -> Trained:
     """Rebuild the checkpoint's model (dense, or pruned from its saved widths) in eval mode,
     and the same seeded splits of `data` (default: the data it was trained on).
 

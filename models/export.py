@@ -1,14 +1,19 @@
-"""ONNX export with a dynamic batch axis, checked against PyTorch."""
+"""ONNX export with a dynamic batch axis, checked against PyTorch, and `tagstream export`."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+
+from models.args import export_parser
 
 log = logging.getLogger(__name__)
 
@@ -67,43 +72,70 @@ def check_against_pytorch(model: torch.nn.Module, path: Path, batch: np.ndarray)
     return ExportCheck(agreement, diff, len(batch))
 
 
-def main(args) -> dict:
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return export_parser(add_help=add_help)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """What `export` takes: the flags of `tagstream export` (models/args.py), same defaults."""
+
+    checkpoint: Path
+    data: Path | None = None
+    output_dir: Path = Path("runs/export")
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    calibration_images: int = 256
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExportConfig:
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "checkpoint": Path(args.checkpoint),
+                "data": Path(args.data) if args.data else None,
+                "output_dir": Path(args.output_dir),
+            }
+        )
+
+
+def main(args: argparse.Namespace) -> dict:
+    return export(ExportConfig.from_args(args))
+
+
+def export(config: ExportConfig) -> dict:
     """`tagstream export`: a checkpoint to ONNX (fp32, fp16 or int8) with its manifest.
 
     The checkpoint's own arguments give the data, input size and classes; thresholds
     are calibrated on the validation split and INT8 on training images, both through
-    the serving preset.
+    the serving preset. Returns the output folder, its manifest (as a dict), the ONNX check,
+    and ``fp32_output``, the FP32 parent's folder (the output itself for fp32).
     """
-    import dataclasses
     import json
     import shutil
     import time
-    from pathlib import Path
 
-    from infra.exceptions import ConfigurationError
     from models.checkpoint import load_trained
     from models.manifest import Manifest, file_sha256
     from models.quantize import make_variant
     from models.thresholds import calibrate_thresholds
     from models.train import predict
 
-    if not args.checkpoint:
-        raise ConfigurationError("--checkpoint is required")
-    loaded = load_trained(args.checkpoint, data=args.data)
+    loaded = load_trained(config.checkpoint, data=config.data)
     checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes
     model, serving, splits = loaded.model, loaded.serving, loaded.splits
     input_size = trained["input_size"]
     val_loader = torch.utils.data.DataLoader(splits.val, batch_size=64)
     probabilities, labels = predict(model, val_loader)
 
-    out = Path(args.output_dir or "runs/export")
-    fp32_dir = out if args.precision == "fp32" else out.with_name(out.name + "-fp32")
+    out = Path(config.output_dir)
+    fp32_dir = out if config.precision == "fp32" else out.with_name(out.name + "-fp32")
     fp32_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, fp32_dir / "model.onnx", input_size=input_size)
     batch = np.stack([splits.val[i][0].numpy() for i in range(min(64, len(splits.val)))])
     check = check_against_pytorch(model, onnx_path, batch)
     print(check, flush=True)
-    parent = Path(args.checkpoint).resolve()
+    parent = Path(config.checkpoint).resolve()
     manifest = Manifest(
         model_id=trained.get("model_id", "resnet50"),
         version=f"{parent.parent.name}-e{checkpoint['epoch']}",
@@ -126,15 +158,20 @@ def main(args) -> dict:
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     manifest.save(fp32_dir)
-    if args.precision != "fp32":
+    if config.precision != "fp32":
         calibration = []
-        if args.precision == "int8":
-            count = min(args.calibration_images, len(splits.calibration))
+        if config.precision == "int8":
+            count = min(config.calibration_images, len(splits.calibration))
             images = np.stack([splits.calibration[i][0].numpy() for i in range(count)])
             calibration = list(np.array_split(images, max(1, count // 32)))
         if out.exists():
             shutil.rmtree(out)
-        manifest = make_variant(fp32_dir, out, args.precision, calibration=calibration)
-    summary = {"output": str(out), "manifest": dataclasses.asdict(manifest), "check": str(check)}
+        manifest = make_variant(fp32_dir, out, config.precision, calibration=calibration)
+    summary = {
+        "output": str(out),
+        "fp32_output": str(fp32_dir),
+        "manifest": dataclasses.asdict(manifest),
+        "check": str(check),
+    }
     print(json.dumps({"output": str(out), "precision": manifest.precision}), flush=True)
     return summary

@@ -9,17 +9,58 @@ same run. The pruned checkpoint carries its layer widths so it can be rebuilt.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from infra.exceptions import ConfigurationError
+from models.args import prune_parser
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return prune_parser(add_help=add_help)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """What `prune` takes: the flags of `tagstream prune` (models/args.py), same defaults."""
+
+    checkpoint: Path
+    data: Path | None = None
+    output_dir: Path = Path("runs/prune")
+    rounds: int = 1
+    prune_rule: Literal["mean+std", "top-fraction"] = "mean+std"
+    prune_k: float = 1.0
+    prune_fraction: float = 0.1
+    finetune_epochs: int = 1
+    finetune_lr: float | None = None  # None: lr
+    distill: bool = False
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bench_input_size: int = 224
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PruneConfig:
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "checkpoint": Path(args.checkpoint),
+                "data": Path(args.data) if args.data else None,
+                "output_dir": Path(args.output_dir),
+            }
+        )
 
 
 class DistillationLoss(nn.Module):
@@ -79,7 +120,13 @@ def onnx_throughput(
         return batch * repeats / (time.perf_counter() - started), size
 
 
-def main(args) -> dict:
+def main(args: argparse.Namespace) -> dict:
+    return prune(PruneConfig.from_args(args))
+
+
+def prune(config: PruneConfig) -> dict:
+    """Prune `config.checkpoint` round by round. Returns the report's rows, the report's path
+    (``report``) and the pruned checkpoints, one per round (``checkpoints``)."""
     from models.apoz import (
         count_flops,
         count_params,
@@ -89,21 +136,23 @@ def main(args) -> dict:
     from models.checkpoint import load_trained
     from models.train import evaluate, train_one_epoch
 
-    if not args.checkpoint:
-        raise ConfigurationError("--checkpoint is required")
-    loaded = load_trained(args.checkpoint, data=args.data, augment=True)
+    loaded = load_trained(config.checkpoint, data=config.data, augment=True)
     checkpoint, trained = loaded.checkpoint, loaded.args
     model, splits = loaded.model, loaded.splits
-    teacher = copy.deepcopy(model).eval() if args.distill else None
+    teacher = copy.deepcopy(model).eval() if config.distill else None
     loader = torch.utils.data.DataLoader
     generator = torch.Generator().manual_seed(trained["seed"])
     train_loader = loader(
-        splits.train, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator
+        splits.train,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
     )
     val_loader = loader(splits.val, batch_size=64)
     test_loader = loader(splits.test, batch_size=64)
-    bench_size = args.bench_input_size
-    out = Path(args.output_dir or "runs/prune")
+    bench_size = config.bench_input_size
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     rate, onnx_bytes = onnx_throughput(model, bench_size)
@@ -117,26 +166,26 @@ def main(args) -> dict:
         "onnx_bytes": onnx_bytes,
         "images_per_s": rate,
     }
-    rows = [base]
+    rows, checkpoints = [base], []
     print(f"round 0: test acc {base['acc_after_finetune']:.4f}, {rate:.1f} img/s", flush=True)
-    for round_index in range(1, args.rounds + 1):
+    for round_index in range(1, config.rounds + 1):
         report = prune_round(
             model,
             val_loader,
-            rule=args.prune_rule,
-            k=args.prune_k,
-            fraction=args.prune_fraction,
+            rule=config.prune_rule,
+            k=config.prune_k,
+            fraction=config.prune_fraction,
             input_size=bench_size,
         )
         after_pruning = evaluate(model, test_loader)
         optimizer = torch.optim.SGD(
             model.parameters(),
-            lr=args.finetune_lr or args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
+            lr=config.finetune_lr or config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
         criterion = DistillationLoss(teacher) if teacher is not None else nn.CrossEntropyLoss()
-        for _ in range(args.finetune_epochs):
+        for _ in range(config.finetune_epochs):
             train_one_epoch(model, criterion, optimizer, _remember_images(train_loader, criterion))
         after_finetune = evaluate(model, test_loader)
         rate, onnx_bytes = onnx_throughput(model, bench_size)
@@ -159,6 +208,7 @@ def main(args) -> dict:
             f"{row['sparsity']:.4f}, {rate:.1f} img/s",
             flush=True,
         )
+        checkpoints.append(out / f"pruned_round{round_index}.pt")
         torch.save(
             {
                 **checkpoint,
@@ -166,14 +216,14 @@ def main(args) -> dict:
                 "widths": pruned_widths(model),
                 "prune_round": round_index,
             },
-            out / f"pruned_round{round_index}.pt",
+            checkpoints[-1],
         )
     (out / "prune_report.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        f"# APoZ pruning of {args.checkpoint}",
+        f"# APoZ pruning of {config.checkpoint}",
         "",
-        f"rule {args.prune_rule} (k={args.prune_k}, fraction={args.prune_fraction}), "
-        f"{args.finetune_epochs} fine-tune epoch(s) per round, distillation "
+        f"rule {config.prune_rule} (k={config.prune_k}, fraction={config.prune_fraction}), "
+        f"{config.finetune_epochs} fine-tune epoch(s) per round, distillation "
         f"{'on' if teacher is not None else 'off'}; throughput: ONNX Runtime CPU, batch 8, "
         f"{bench_size}x{bench_size}, measured in this run.",
         "",
@@ -193,12 +243,16 @@ def main(args) -> dict:
         )
     lines += ["", "![accuracy and speed-up per round](prune_report.png)"]
     (out / "prune_report.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, out / "prune_report.png", args)
+    _plot(rows, out / "prune_report.png", rule=config.prune_rule)
     print("\n".join(lines[-len(rows) - 4 : -2]))
-    return {"rows": rows, "report": str(out / "prune_report.md")}
+    return {
+        "rows": rows,
+        "report": str(out / "prune_report.md"),
+        "checkpoints": [str(path) for path in checkpoints],
+    }
 
 
-def _plot(rows: list[dict], path: Path, args) -> Path:
+def _plot(rows: list[dict], path: Path, *, rule: str) -> Path:
     """Accuracy after pruning and after fine-tuning against channel sparsity, each round
     labelled with its ONNX Runtime speed-up."""
     from models.plots import line_chart_png
@@ -220,7 +274,7 @@ def _plot(rows: list[dict], path: Path, args) -> Path:
     return line_chart_png(
         series,
         path,
-        title=f"APoZ pruning ({args.prune_rule}): test accuracy and ONNX Runtime speed-up",
+        title=f"APoZ pruning ({rule}): test accuracy and ONNX Runtime speed-up",
         x_label="channel sparsity of the prunable convolutions",
         y_label="test accuracy (%)",
         notes=notes,

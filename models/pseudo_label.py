@@ -18,12 +18,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,12 +33,60 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from infra.exceptions import ConfigurationError
+from models.args import pseudo_label_parser
 from models.manifest import file_sha256
 
 #: What counts as an image under --unlabeled: what torchvision's ImageFolder reads.
 IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)
 
 log = logging.getLogger(__name__)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return pseudo_label_parser(add_help=add_help)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PseudoLabelConfig:
+    """What `pseudo_label` takes: the flags of `tagstream pseudo-label` (models/args.py), same
+    defaults. The student trains as `train` would with the fields from `weights` on, at the
+    teacher's input size, with its splits and seed."""
+
+    teacher: Path
+    unlabeled: Path
+    data: Path | None = None  # None: the teacher's
+    output_dir: Path = Path("runs/pseudo-label")
+    top_k: int = 500
+    top_p: int = 1
+    min_confidence: float = 0.5
+    select_only: bool = False
+    finetune_epochs: int = 1
+    finetune_lr: float | None = None  # None: lr / 10
+    # The student's training.
+    weights: str = "none"
+    epochs: int = 10
+    batch_size: int = 32
+    opt: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    workers: int = 0
+    device: str | None = None
+    no_progress: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PseudoLabelConfig:
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "teacher": Path(args.teacher),
+                "unlabeled": Path(args.unlabeled),
+                "data": Path(args.data) if args.data else None,
+                "output_dir": Path(args.output_dir),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -191,29 +241,28 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _train_args(args, **changes) -> argparse.Namespace:
-    merged = {**vars(args), "resume": None, **changes}
-    return argparse.Namespace(**merged)
+def main(args: argparse.Namespace) -> dict:
+    return pseudo_label(PseudoLabelConfig.from_args(args))
 
 
-def main(args) -> dict:
+def pseudo_label(config: PseudoLabelConfig) -> dict:
+    """Select with the teacher, then (unless `config.select_only`) train and fine-tune the
+    student. Returns the selection summary, the student's ImageFolder (``student_data``)
+    and, after training, the Table I rows."""
     from tqdm import tqdm
 
     from models.checkpoint import load_trained
-    from models.train import _device, evaluate
-    from models.train import main as train_main
+    from models.train import TrainConfig, evaluate, resolve_device, train
 
-    if not args.teacher or not args.unlabeled:
-        raise ConfigurationError("--teacher CKPT and --unlabeled DIR are required")
-    out = Path(args.output_dir or "runs/pseudo-label")
-    unlabeled = Path(args.unlabeled)
+    out = Path(config.output_dir)
+    unlabeled = Path(config.unlabeled)
     if _overlap(out, unlabeled):
         # A second run would score the first one's student_data, test images included.
         raise ConfigurationError(f"--output-dir {out} and --unlabeled {unlabeled} overlap")
     paths = list_images(unlabeled)
     if not paths:
         raise ConfigurationError(f"--unlabeled {unlabeled} holds no images")
-    teacher = load_trained(args.teacher, data=args.data)
+    teacher = load_trained(config.teacher, data=config.data)
     classes, trained = teacher.classes, teacher.args
     out.mkdir(parents=True, exist_ok=True)
     clean = [
@@ -226,13 +275,13 @@ def main(args) -> dict:
         print(f"left out {len(copies)} unlabeled images that are the teacher's val/test images")
 
     with tqdm(
-        total=len(paths), desc="teacher scoring", unit="img", disable=args.no_progress
+        total=len(paths), desc="teacher scoring", unit="img", disable=config.no_progress
     ) as bar:
         probabilities, readable, unreadable = score_images(
-            teacher.model.to(_device(args)),
+            teacher.model.to(resolve_device(config.device)),
             paths,
             teacher.serving,
-            batch_size=args.batch_size,
+            batch_size=config.batch_size,
             progress=bar,
         )
     teacher.model.to("cpu")
@@ -241,13 +290,13 @@ def main(args) -> dict:
         raise ConfigurationError(f"none of the {len(paths)} images under {unlabeled} decodes")
     selection = select_top_k(
         probabilities,
-        top_k=args.top_k,
-        min_confidence=args.min_confidence,
-        top_p=args.top_p,
+        top_k=config.top_k,
+        min_confidence=config.min_confidence,
+        top_p=config.top_p,
     )
     if not any(selection):
         raise ConfigurationError(
-            f"the teacher is not confident enough (--min-confidence {args.min_confidence}) "
+            f"the teacher is not confident enough (--min-confidence {config.min_confidence}) "
             f"about any of the {len(scored)} images: nothing to train a student on"
         )
     empty = [name for name, picked in zip(classes, selection, strict=True) if not picked]
@@ -270,14 +319,14 @@ def main(args) -> dict:
         for name, picked in zip(classes, selection, strict=True)
     }
     summary = {
-        "teacher": str(args.teacher),
-        "unlabeled": str(args.unlabeled),
+        "teacher": str(config.teacher),
+        "unlabeled": str(config.unlabeled),
         "images": len(paths) + len(copies),
         "left_out_clean_copies": [str(p) for p in copies],
         "unreadable": unreadable,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_confidence": args.min_confidence,
+        "top_k": config.top_k,
+        "top_p": config.top_p,
+        "min_confidence": config.min_confidence,
         "selected": sum(len(picked) for picked in selection),
         "per_class": per_class,
         "files": {
@@ -292,33 +341,44 @@ def main(args) -> dict:
         f"({len(unreadable)} unreadable) into {data}/train: {counts}",
         flush=True,
     )
-    if args.select_only:
+    if config.select_only:
         return {"selection": summary, "student_data": str(data)}
 
     test_loader = torch.utils.data.DataLoader(teacher.splits.test, batch_size=64)
     teacher_acc = evaluate(teacher.model, test_loader)
-    common = {
-        "input_size": trained["input_size"],
-        "resize_size": trained.get("resize_size"),
-        "val_split": trained["val_split"],
-        "test_split": trained["test_split"],
-        "seed": trained["seed"],
-    }
-    print(f"teacher test accuracy {teacher_acc:.4f}; training the student", flush=True)
-    student = train_main(
-        _train_args(args, data=str(data), output_dir=str(out / "student"), **common)
+    student_config = TrainConfig(
+        data=data,
+        output_dir=out / "student",
+        # The teacher's input size, splits and seed, so that every row has the same test set.
+        input_size=trained["input_size"],
+        resize_size=trained.get("resize_size"),
+        val_split=trained["val_split"],
+        test_split=trained["test_split"],
+        seed=trained["seed"],
+        weights=config.weights,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        opt=config.opt,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        workers=config.workers,
+        device=config.device,
+        no_progress=config.no_progress,
     )
+    print(f"teacher test accuracy {teacher_acc:.4f}; training the student", flush=True)
+    student = train(student_config)
     print("fine-tuning the student on the clean set", flush=True)
-    finetuned = train_main(
-        _train_args(
-            args,
-            data=str(args.data or trained["data"]),
-            output_dir=str(out / "student_finetuned"),
-            weights=str(out / "student" / "model_best.pt"),
-            epochs=args.finetune_epochs,
+    finetuned = train(
+        dataclasses.replace(
+            student_config,
+            data=Path(config.data or trained["data"]),
+            output_dir=out / "student_finetuned",
+            weights=student["best_checkpoint"],
+            epochs=config.finetune_epochs,
             # The student already fits; a full-size step would undo what it learned.
-            lr=args.finetune_lr or args.lr / 10,
-            **common,
+            lr=config.finetune_lr or config.lr / 10,
         )
     )
     rows = [
@@ -335,11 +395,11 @@ def main(args) -> dict:
         },
     ]
     lines = [
-        f"# Teacher/student (Yalniz et al.) from {args.teacher}",
+        f"# Teacher/student (Yalniz et al.) from {config.teacher}",
         "",
-        f"{len(paths)} unlabeled images ({len(unreadable)} unreadable); top-{args.top_k} "
-        f"per class of each image's top-{args.top_p}, confidence at least "
-        f"{args.min_confidence}: {summary['selected']} selected. Every accuracy is on the "
+        f"{len(paths)} unlabeled images ({len(unreadable)} unreadable); top-{config.top_k} "
+        f"per class of each image's top-{config.top_p}, confidence at least "
+        f"{config.min_confidence}: {summary['selected']} selected. Every accuracy is on the "
         f"teacher's clean test split ({len(teacher.splits.test)} images).",
         "",
         "| model | trained on | test acc. |",

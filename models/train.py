@@ -1,13 +1,70 @@
-"""Training and evaluation loops (in the manner of torchvision's references/classification)."""
+"""`tagstream train`, and the training and evaluation loops (in the manner of torchvision's
+references/classification)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from models.args import train_parser
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    return train_parser(add_help=add_help)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """What `train` takes: the flags of `tagstream train` (models/args.py), same defaults."""
+
+    data: Path
+    output_dir: Path = Path("runs/train")
+    weights: str = "none"
+    input_size: int = 224
+    resize_size: int | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    opt: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    val_split: float = 0.15
+    test_split: float = 0.15
+    seed: int = 0
+    workers: int = 0
+    device: str | None = None
+    resume: Path | None = None
+    no_progress: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "data": Path(args.data),
+                "output_dir": Path(args.output_dir),
+                "resume": Path(args.resume) if args.resume else None,
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (paths as strings): what a checkpoint keeps as its ``args``, so
+        that ``torch.load(weights_only=True)`` can read the checkpoint back."""
+        return {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
 
 def train_one_epoch(
@@ -73,87 +130,95 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return float((probabilities.argmax(1) == labels).mean())
 
 
-def _device(args) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
+def resolve_device(device: str | None) -> torch.device:
+    """`device`, or CUDA when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def main(args) -> dict:
-    """`tagstream train`: fine-tune ResNet50 on an ImageFolder; checkpoints, metrics, plots."""
+def main(args: argparse.Namespace) -> dict:
+    return train(TrainConfig.from_args(args))
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune ResNet50 on an ImageFolder; checkpoints, metrics, plots.
+
+    Returns the test metrics (also in ``metrics.json``) and ``best_checkpoint``, the path of
+    the checkpoint with the best validation accuracy.
+    """
     import json
     import time
-    from pathlib import Path
 
     from tqdm import tqdm
 
-    from infra.exceptions import ConfigurationError
     from models.data import load_splits
     from models.plots import confusion_matrix, confusion_matrix_png
     from models.presets import ServingPreset, TrainPreset
     from models.resnet import build_resnet50
 
-    if not args.data:
-        raise ConfigurationError("--data is required: an ImageFolder root")
-    torch.manual_seed(args.seed)
-    device = _device(args)
-    out = Path(args.output_dir or "runs/train")
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    serving = ServingPreset(input_size=args.input_size, resize_size=args.resize_size)
+    serving = ServingPreset(input_size=config.input_size, resize_size=config.resize_size)
     splits = load_splits(
-        args.data,
-        train_transform=TrainPreset(input_size=args.input_size),
+        config.data,
+        train_transform=TrainPreset(input_size=config.input_size),
         eval_transform=lambda image: torch.from_numpy(serving(image)),
-        val_split=args.val_split,
-        test_split=args.test_split,
-        seed=args.seed,
+        val_split=config.val_split,
+        test_split=config.test_split,
+        seed=config.seed,
     )
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader
     train_loader = loader(
         splits.train,
-        batch_size=args.batch_size,
+        batch_size=config.batch_size,
         shuffle=True,
-        drop_last=len(splits.train) > args.batch_size,
-        num_workers=args.workers,
+        drop_last=len(splits.train) > config.batch_size,
+        num_workers=config.workers,
         generator=generator,
     )
-    val_loader = loader(splits.val, batch_size=64, num_workers=args.workers)
-    test_loader = loader(splits.test, batch_size=64, num_workers=args.workers)
+    val_loader = loader(splits.val, batch_size=64, num_workers=config.workers)
+    test_loader = loader(splits.test, batch_size=64, num_workers=config.workers)
 
-    model = build_resnet50(len(splits.classes), weights=args.weights, classes=splits.classes).to(
+    model = build_resnet50(len(splits.classes), weights=config.weights, classes=splits.classes).to(
         device
     )
-    if args.opt == "sgd":
+    if config.opt == "sgd":
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
     else:
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=args.lr, weight_decay=args.weight_decay
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=args.lr,
-        total_steps=max(1, args.epochs * len(train_loader)),
+        max_lr=config.lr,
+        total_steps=max(1, config.epochs * len(train_loader)),
         pct_start=0.25,
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict] = []
     start_epoch, best = 0, -1.0
-    if args.resume:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+    if config.resume:
+        checkpoint = torch.load(config.resume, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history = checkpoint["epoch"] + 1, checkpoint.get("history", [])
-        if checkpoint["args"]["epochs"] == args.epochs:
+        if checkpoint["args"]["epochs"] == config.epochs:
             scheduler.load_state_dict(checkpoint["lr_scheduler"])
         else:
             # Extending a finished run: its one-cycle schedule has ended, so a new cycle
             # spans the epochs that remain.
-            remaining = max(1, (args.epochs - start_epoch) * len(train_loader))
+            remaining = max(1, (config.epochs - start_epoch) * len(train_loader))
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=args.lr, total_steps=remaining, pct_start=0.25
+                optimizer, max_lr=config.lr, total_steps=remaining, pct_start=0.25
             )
         best = max((h["val_acc"] for h in history), default=-1.0)
 
@@ -163,13 +228,13 @@ def main(args) -> dict:
 
     # Mixed precision on CUDA: one scaler for the run, so its scale carries across epochs.
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, config.epochs):
         started = time.monotonic()
         with tqdm(
-            total=len(train_loader) * args.batch_size,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
+            total=len(train_loader) * config.batch_size,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
             unit="img",
-            disable=args.no_progress,
+            disable=config.no_progress,
         ) as bar:
             stats = train_one_epoch(
                 model,
@@ -195,7 +260,7 @@ def main(args) -> dict:
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "epoch": epoch,
-            "args": _plain(vars(args)),
+            "args": config.to_dict(),
             "classes": splits.classes,
             "history": history,
         }
@@ -238,10 +303,4 @@ def main(args) -> dict:
         f"test accuracy {metrics['test_acc']:.4f};"
         f" wrote {out}/metrics.json and confusion_matrix.png"
     )
-    return metrics
-
-
-def _plain(args: dict) -> dict:
-    """The arguments a checkpoint keeps: plain values only (not the CLI's handler function),
-    so that ``torch.load(weights_only=True)`` can read the checkpoint back."""
-    return {k: v for k, v in args.items() if v is None or isinstance(v, str | int | float | bool)}
+    return {**metrics, "best_checkpoint": str(out / "model_best.pt")}

@@ -87,38 +87,43 @@ def digits_accuracy(
     """
     from models.checkpoint import load_trained
     from models.data import write_digits_folder
-    from models.export import main as export_main
-    from models.prune import main as prune_main
-    from models.train import main as train_main
-    from tagstream.cli import get_args_parser
+    from models.export import ExportConfig, export
+    from models.prune import PruneConfig, prune
+    from models.train import TrainConfig, train
 
     data = write_digits_folder(workdir / "digits", size=input_size)
-    quiet = [] if progress else ["--no-progress"]
-
-    def parse(*argv: str):
-        return get_args_parser().parse_args([*argv, *quiet])
-
     print(
         f"accuracy task: training ResNet50 on the digits at {input_size}x{input_size}", flush=True
     )
-    train_main(
-        parse(
-            "train", "--data", str(data), "--output-dir", str(workdir / "dense"),
-            "--input-size", str(input_size), "--batch-size", "32", "--opt", "adamw",
-            "--lr", "0.002", "--epochs", str(epochs),
+    trained = train(
+        TrainConfig(
+            data=data,
+            output_dir=workdir / "dense",
+            input_size=input_size,
+            batch_size=32,
+            opt="adamw",
+            lr=0.002,
+            epochs=epochs,
+            no_progress=not progress,
         )
-    )  # fmt: skip
-    dense_ckpt = workdir / "dense" / "model_best.pt"
+    )
+    dense_ckpt = Path(trained["best_checkpoint"])
     print(f"accuracy task: pruning {fraction:.0%} of the prunable channels", flush=True)
-    prune_main(
-        parse(
-            "prune", "--checkpoint", str(dense_ckpt), "--output-dir", str(workdir / "pruned"),
-            "--rounds", "1", "--prune-rule", "top-fraction", "--prune-fraction", str(fraction),
-            "--finetune-epochs", str(finetune_epochs), "--distill", "--batch-size", "32",
-            "--lr", "0.005", "--bench-input-size", str(input_size),
+    pruned = prune(
+        PruneConfig(
+            checkpoint=dense_ckpt,
+            output_dir=workdir / "pruned",
+            rounds=1,
+            prune_rule="top-fraction",
+            prune_fraction=fraction,
+            finetune_epochs=finetune_epochs,
+            distill=True,
+            batch_size=32,
+            lr=0.005,
+            bench_input_size=input_size,
         )
-    )  # fmt: skip
-    pruned_ckpt = workdir / "pruned" / "pruned_round1.pt"
+    )
+    pruned_ckpt = Path(pruned["checkpoints"][-1])
     dense = load_trained(dense_ckpt)
     test = dense.splits.test
     pairs = [test[i] for i in range(len(test))]
@@ -126,15 +131,16 @@ def digits_accuracy(
     labels = np.array([label for _, label in pairs])
     accuracy = {}
     for label, checkpoint in (("dense", dense_ckpt), ("pruned", pruned_ckpt)):
-        # One export: an INT8 export writes its FP32 parent beside it, as <dir>-fp32.
-        int8 = workdir / "onnx" / f"{label}-int8"
-        export_main(
-            parse(
-                "export", "--checkpoint", str(checkpoint), "--output-dir", str(int8),
-                "--precision", "int8", "--calibration-images", "256",
+        # One export: an INT8 export writes its FP32 parent beside it.
+        exported = export(
+            ExportConfig(
+                checkpoint=checkpoint,
+                output_dir=workdir / "onnx" / f"{label}-int8",
+                precision="int8",
+                calibration_images=256,
             )
-        )  # fmt: skip
-        fp32 = int8.with_name(int8.name + "-fp32")
+        )
+        int8, fp32 = Path(exported["output"]), Path(exported["fp32_output"])
         for precision, folder in (("fp32", fp32), ("int8", int8)):
             predicted = OnnxClassifier(folder).probabilities(images).argmax(1)
             name = f"{label} {precision.upper()}"

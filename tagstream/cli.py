@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import get_settings
+from models import args as model_args
 
 
 def _stop_on_signals() -> threading.Event:
@@ -265,17 +266,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(get_settings(), images=args.images)
 
 
-#: The model commands: name, the module whose ``main(args)`` runs it, and its help. They
-#: share one parser (models/args.py), as torchvision's references do.
+#: The model commands: name, the module whose ``main(args)`` runs it, and the builder of its
+#: own parser in models/args.py (torch-free, so that --help stays fast), as in torchvision's
+#: references.
 MODEL_COMMANDS = (
-    ("train", "models.train", "fine-tune ResNet50 on an ImageFolder"),
-    (
-        "pseudo-label",
-        "models.pseudo_label",
-        "teacher/student: label unlabeled images with a teacher, train a student on them",
-    ),
-    ("export", "models.export", "export a checkpoint to ONNX (fp32, fp16, int8) with its manifest"),
-    ("prune", "models.prune", "iterative APoZ pruning with fine-tuning, and its report"),
+    ("train", "models.train", model_args.train_parser),
+    ("pseudo-label", "models.pseudo_label", model_args.pseudo_label_parser),
+    ("export", "models.export", model_args.export_parser),
+    ("prune", "models.prune", model_args.prune_parser),
 )
 
 
@@ -424,12 +422,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo-model", help="train (once) and show the demo model").set_defaults(
         func=cmd_demo_model
     )
-    from models.args import get_args_parser as model_args
-
-    for name, module, text in MODEL_COMMANDS:
-        commands.add_parser(name, parents=[model_args(add_help=False)], help=text).set_defaults(
-            func=cmd_model, model_module=module
-        )
+    for name, module, build in MODEL_COMMANDS:
+        own = build(add_help=False)
+        commands.add_parser(
+            name, parents=[own], help=own.description, description=own.description
+        ).set_defaults(func=cmd_model, model_module=module)
 
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")

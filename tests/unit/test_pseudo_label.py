@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from infra.exceptions import ConfigurationError
-from models.pseudo_label import select_top_k
-from tagstream.cli import get_args_parser
+from models.pseudo_label import PseudoLabelConfig, select_top_k
 
 CLEAN_PER_CLASS = 60
 TOP_K = 40
 FLOOR = 0.3
-COMMON = ("--input-size", "32", "--batch-size", "32", "--opt", "adamw", "--lr", "0.002")
+#: The teacher's training and the student's (which takes the teacher's input size).
+TRAINING = {"batch_size": 32, "opt": "adamw", "lr": 0.002, "no_progress": True}
 
 
 def test_select_top_k_ranks_each_class_and_respects_the_floor_and_top_p() -> None:
@@ -91,20 +91,15 @@ def split_digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_checkpoint(split_digits, tmp_path_factory) -> Path:
-    from models.train import main as train_main
+    from models.train import TrainConfig, train
 
     teacher_dir = tmp_path_factory.mktemp("teacher")
-    train_main(
-        parse(
-            "train", "--data", str(split_digits[0]), "--output-dir", str(teacher_dir),
-            "--epochs", "4", "--no-progress", *COMMON,
+    trained = train(
+        TrainConfig(
+            data=split_digits[0], output_dir=teacher_dir, epochs=4, input_size=32, **TRAINING
         )
-    )  # fmt: skip
-    return teacher_dir / "model_best.pt"
-
-
-def parse(*argv: str):
-    return get_args_parser().parse_args(list(argv))
+    )
+    return Path(trained["best_checkpoint"])
 
 
 @pytest.mark.slow
@@ -114,19 +109,22 @@ def test_pseudo_label_selects_top_k_with_the_teachers_labels_then_trains_the_stu
     import torch
 
     from models.checkpoint import load_trained
-    from models.pseudo_label import main as pseudo_label_main
-    from models.pseudo_label import score_images
+    from models.pseudo_label import pseudo_label, score_images
 
     clean, unlabeled, truth, copies = split_digits
     out = tmp_path / "pseudo"
-    result = pseudo_label_main(
-        parse(
-            "pseudo-label", "--teacher", str(teacher_checkpoint),
-            "--unlabeled", str(unlabeled), "--output-dir", str(out),
-            "--top-k", str(TOP_K), "--min-confidence", str(FLOOR),
-            "--epochs", "3", "--finetune-epochs", "2", "--no-progress", *COMMON,
+    result = pseudo_label(
+        PseudoLabelConfig(
+            teacher=teacher_checkpoint,
+            unlabeled=unlabeled,
+            output_dir=out,
+            top_k=TOP_K,
+            min_confidence=FLOOR,
+            epochs=3,
+            finetune_epochs=2,
+            **TRAINING,
         )
-    )  # fmt: skip
+    )
 
     # The selection: exactly K per class, each image under the teacher's own label.
     selection = json.loads((out / "selection.json").read_text())
@@ -192,21 +190,24 @@ def test_unlabeled_folder_must_hold_images(split_digits, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_refusals_overlap_and_nothing_confident(split_digits, teacher_checkpoint, tmp_path):
-    from models.pseudo_label import main as pseudo_label_main
+    from models.pseudo_label import pseudo_label
 
     _, unlabeled, _, _ = split_digits
 
-    def run(out: Path, *extra: str):
-        return pseudo_label_main(
-            parse(
-                "pseudo-label", "--teacher", str(teacher_checkpoint), "--unlabeled",
-                str(unlabeled), "--output-dir", str(out), "--no-progress", *extra,
+    def run(out: Path, **changes):
+        return pseudo_label(
+            PseudoLabelConfig(
+                teacher=teacher_checkpoint,
+                unlabeled=unlabeled,
+                output_dir=out,
+                no_progress=True,
+                **changes,
             )
-        )  # fmt: skip
+        )
 
     # Output inside the unlabeled folder: a second run would score the test images.
     with pytest.raises(ConfigurationError, match="overlap"):
         run(unlabeled / "semi")
     # No probability reaches 1.01: a clear error, not a crash in the student's training.
     with pytest.raises(ConfigurationError, match="not confident enough"):
-        run(tmp_path / "semi", "--min-confidence", "1.01")
+        run(tmp_path / "semi", min_confidence=1.01)

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from models.data import write_digits_folder
-from models.train import main as train_main
-from tagstream.cli import get_args_parser
+from models.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -18,31 +17,23 @@ def digits(tmp_path_factory):
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
 
-def train_args(data, out, *extra: str):
-    argv = [
-        "train",
-        "--data",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--input-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--opt",
-        "adamw",
-        "--lr",
-        "0.002",
-        "--no-progress",
-        *extra,
-    ]
-    return get_args_parser().parse_args(argv)
+def train_config(data, out, **changes) -> TrainConfig:
+    return TrainConfig(
+        data=data,
+        output_dir=out,
+        input_size=32,
+        batch_size=32,
+        opt="adamw",
+        lr=0.002,
+        no_progress=True,
+        **changes,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    metrics = train_main(train_args(digits, out, "--epochs", "3"))
+    metrics = train(train_config(digits, out, epochs=3))
     return out, metrics
 
 
@@ -58,13 +49,22 @@ def test_training_learns_far_above_chance(trained) -> None:
     assert set(saved["per_class"]["digit3"]) == {"precision", "recall"}
     png = (out / "confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert metrics["best_checkpoint"] == str(out / "model_best.pt")
+
+
+def test_checkpoints_keep_the_config_as_plain_values(trained, digits) -> None:
+    import torch
+
+    out, _ = trained
+    for name in ("checkpoint.pt", "model_best.pt"):
+        saved = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert saved["args"] == train_config(digits, out, epochs=3).to_dict()
+        assert saved["args"]["data"] == str(digits) and saved["args"]["resume"] is None
 
 
 def test_resume_continues_from_the_checkpoint(trained, digits) -> None:
     out, _ = trained
-    metrics = train_main(
-        train_args(digits, out, "--epochs", "4", "--resume", str(out / "checkpoint.pt"))
-    )
+    metrics = train(train_config(digits, out, epochs=4, resume=out / "checkpoint.pt"))
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3]
 
 
@@ -73,22 +73,15 @@ def test_missing_imagenet_weights_is_a_clear_error(digits, tmp_path, monkeypatch
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     with pytest.raises(ModelError, match="cannot be downloaded here"):
-        train_main(train_args(digits, tmp_path / "run", "--epochs", "1", "--weights", "imagenet"))
+        train(train_config(digits, tmp_path / "run", epochs=1, weights="imagenet"))
 
 
-def export_args(checkpoint, out, precision: str):
-    argv = [
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        "--output-dir",
-        str(out),
-        "--precision",
-        precision,
-        "--calibration-images",
-        "128",
-    ]
-    return get_args_parser().parse_args(argv)
+def export_config(checkpoint, out, precision: str):
+    from models.export import ExportConfig
+
+    return ExportConfig(
+        checkpoint=checkpoint, output_dir=out, precision=precision, calibration_images=128
+    )
 
 
 def test_export_fp32_and_int8_agree(trained, digits, tmp_path) -> None:
@@ -96,15 +89,17 @@ def test_export_fp32_and_int8_agree(trained, digits, tmp_path) -> None:
     import torch
 
     from models.data import load_splits
-    from models.export import main as export_main
+    from models.export import export
     from models.manifest import Manifest
     from models.runtime import OnnxClassifier
 
     out, _ = trained
     best = out / "model_best.pt"
-    fp32 = export_main(export_args(best, tmp_path / "fp32", "fp32"))
+    fp32 = export(export_config(best, tmp_path / "fp32", "fp32"))
     assert "argmax agreement 1.0000" in fp32["check"]
-    export_main(export_args(best, tmp_path / "int8", "int8"))
+    assert fp32["output"] == fp32["fp32_output"] == str(tmp_path / "fp32")
+    int8 = export(export_config(best, tmp_path / "int8", "int8"))
+    assert int8["fp32_output"] == str(tmp_path / "int8-fp32")
     manifest = Manifest.load(tmp_path / "int8")
     assert manifest.precision == "int8" and manifest.classes == [f"digit{i}" for i in range(10)]
     assert set(manifest.thresholds) == set(manifest.classes)
@@ -132,30 +127,22 @@ def test_export_fp32_and_int8_agree(trained, digits, tmp_path) -> None:
 
 def test_prune_rounds_shrink_and_report(trained, tmp_path) -> None:
     from models.apoz import build_pruned_resnet50
-    from models.prune import main as prune_main
+    from models.prune import PruneConfig, prune
 
     out, _ = trained
-    argv = [
-        "prune",
-        "--checkpoint",
-        str(out / "model_best.pt"),
-        "--output-dir",
-        str(tmp_path),
-        "--rounds",
-        "1",
-        "--prune-rule",
-        "top-fraction",
-        "--prune-fraction",
-        "0.3",
-        "--finetune-epochs",
-        "1",
-        "--distill",
-        "--batch-size",
-        "32",
-        "--lr",
-        "0.005",
-    ]
-    result = prune_main(get_args_parser().parse_args(argv))
+    result = prune(
+        PruneConfig(
+            checkpoint=out / "model_best.pt",
+            output_dir=tmp_path,
+            rounds=1,
+            prune_rule="top-fraction",
+            prune_fraction=0.3,
+            finetune_epochs=1,
+            distill=True,
+            batch_size=32,
+            lr=0.005,
+        )
+    )
     base, pruned = result["rows"]
     assert pruned["params"] < base["params"] and pruned["macs"] < base["macs"]
     assert pruned["onnx_bytes"] < base["onnx_bytes"] and 0.25 < pruned["sparsity"] < 0.35
@@ -166,7 +153,8 @@ def test_prune_rounds_shrink_and_report(trained, tmp_path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     import torch
 
-    saved = torch.load(tmp_path / "pruned_round1.pt", map_location="cpu", weights_only=False)
+    assert result["checkpoints"] == [str(tmp_path / "pruned_round1.pt")]
+    saved = torch.load(tmp_path / "pruned_round1.pt", map_location="cpu", weights_only=True)
     rebuilt = build_pruned_resnet50(10, saved["widths"])
     rebuilt.load_state_dict(saved["model"])
     print("\n" + report)
