@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tagstream up
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
@@ -32,9 +32,11 @@ bench: $(STAMP)
 	$(VENV)/bin/tagstream bench
 	$(VENV)/bin/tagstream bench --models
 
+# Style, and the one-way layers of docs/architecture.md (import-linter, pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .tagstream .pytest_cache

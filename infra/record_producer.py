@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import Producer
+
 from infra.exceptions import BrokerError
 from infra.kafka import producer_config
 from infra.settings import Settings
@@ -97,7 +99,6 @@ class RecordProducer:
         client: Any = None,
         **config_overrides: Any,
     ) -> None:
-        from confluent_kafka import Producer
 
         self.settings = settings
         self.codec = codec or Codec.from_settings(settings)

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.exceptions import ConfigurationError
+
 #: Topic names (docs/architecture.md), before the optional prefix.
 TOPIC_NAMES = ("tweets", "images", "hashtags", "tweets.shed", "deadletter", "capacity")
 
@@ -126,8 +128,6 @@ class Settings(BaseSettings):
     def bootstrap(self) -> str:
         """The bootstrap servers; raises if neither set nor started by `tagstream up`."""
         if not self.kafka_bootstrap:
-            from infra.exceptions import ConfigurationError
-
             raise ConfigurationError(
                 "TAGSTREAM_KAFKA_BOOTSTRAP is not set: start a broker with `tagstream broker` "
                 "or `tagstream up`, or point it at a cluster"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from confluent_kafka.admin import AdminClient, NewTopic
+
 from infra.exceptions import BrokerError
+from infra.kafka import client_config
 from infra.settings import TOPIC_NAMES, Settings
 
 log = logging.getLogger(__name__)
@@ -42,9 +45,6 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 def ensure_topics(settings: Settings, *, timeout_s: float = 10.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from infra.kafka import client_config
 
     admin = AdminClient(client_config(settings))
     existing = set(admin.list_topics(timeout=timeout_s).topics)

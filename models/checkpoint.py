@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from infra.exceptions import ConfigurationError
+from models.apoz import build_pruned_resnet50
 from models.data import Splits, load_splits
-from models.presets import ServingPreset
+from models.presets import ServingPreset, TrainPreset
+from models.resnet import build_resnet50
 
 
 @dataclass
@@ -38,9 +40,6 @@ def load_trained(
     The training split gets the training augmentation with `augment` (to fine-tune),
     else the serving preset like the other splits (to calibrate).
     """
-    from models.apoz import build_pruned_resnet50
-    from models.presets import TrainPreset
-    from models.resnet import build_resnet50
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     trained, classes = checkpoint["args"], checkpoint["classes"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from infra.exceptions import ConfigurationError
@@ -81,9 +82,9 @@ def load_splits(
 def write_digits_folder(root: Path, *, size: int = 32) -> Path:
     """scikit-learn's bundled digits (1,797 real handwritten 8x8 images, shipped with the
     package, so no download) written out as an ImageFolder of RGB PNGs at `size`."""
-    from PIL import Image
-
     try:
+        # Imported here for start-up time: scikit-learn (a dev dependency) takes about a
+        # second to import and only this function needs it.
         from sklearn.datasets import load_digits
     except ImportError as exc:  # a dev extra: `make install` has it
         raise ConfigurationError(

@@ -21,10 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from infra.demo_images import DEMO_CLASSES, render_demo_jpeg
+from models.export import check_against_pytorch, export_onnx
 from models.manifest import MANIFEST_NAME, Manifest, file_sha256
 from models.presets import ServingPreset, TrainPreset
+from models.resnet import build_resnet50
+from models.thresholds import calibrate_thresholds
+from models.train import predict, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +85,6 @@ def train_demo_model(
     out_dir: Path, recipe: DemoRecipe = DemoRecipe(), *, progress: bool = True
 ) -> Path:
     """Train, export and check the demo model into `out_dir`; returns `out_dir`."""
-    from tqdm import tqdm
-
-    from models.export import check_against_pytorch, export_onnx
-    from models.resnet import build_resnet50
-    from models.thresholds import calibrate_thresholds
-    from models.train import predict, train_one_epoch
 
     torch.manual_seed(recipe.seed)
     preset = ServingPreset(input_size=recipe.input_size)

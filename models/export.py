@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
 from models.args import export_parser
+from models.checkpoint import load_trained
+from models.manifest import Manifest, file_sha256
+from models.quantize import make_variant
+from models.thresholds import calibrate_thresholds
+from models.train import predict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +50,6 @@ def export_onnx(model: torch.nn.Module, path: Path, *, input_size: int) -> Path:
             external_data=False,
             verbose=False,
         )
-    import onnx
 
     onnx.checker.check_model(str(path))
     return path
@@ -61,7 +70,6 @@ class ExportCheck:
 
 def check_against_pytorch(model: torch.nn.Module, path: Path, batch: np.ndarray) -> ExportCheck:
     """Run the same batch through PyTorch and ONNX Runtime (CPU) and compare."""
-    import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(None, {INPUT_NAME: batch.astype(np.float32)})
@@ -111,15 +119,6 @@ def export(config: ExportConfig) -> dict:
     the serving preset. Returns the output folder, its manifest (as a dict), the ONNX check,
     and ``fp32_output``, the FP32 parent's folder (the output itself for fp32).
     """
-    import json
-    import shutil
-    import time
-
-    from models.checkpoint import load_trained
-    from models.manifest import Manifest, file_sha256
-    from models.quantize import make_variant
-    from models.thresholds import calibrate_thresholds
-    from models.train import predict
 
     loaded = load_trained(config.checkpoint, data=config.data)
     checkpoint, trained, classes = loaded.checkpoint, loaded.args, loaded.classes

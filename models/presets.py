@@ -91,6 +91,8 @@ class TrainPreset:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
+        # Imported here for start-up time: the serving process imports this module and
+        # must never load torch (tests/unit/test_serving_imports.py).
         import torch
         from torchvision.transforms import v2 as T
 

@@ -20,10 +20,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
+from models.apoz import count_flops, count_params, prune_round, pruned_widths
 from models.args import prune_parser
+from models.checkpoint import load_trained
+from models.export import export_onnx
+from models.plots import line_chart_png
+from models.train import evaluate, train_one_epoch
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -99,9 +105,6 @@ def _remember_images(loader, criterion):
 def onnx_throughput(
     model: nn.Module, input_size: int, *, batch: int = 8, repeats: int = 3
 ) -> tuple[float, int]:
-    import onnxruntime as ort
-
-    from models.export import export_onnx
 
     with tempfile.TemporaryDirectory() as scratch:
         path = export_onnx(
@@ -127,14 +130,6 @@ def main(args: argparse.Namespace) -> dict:
 def prune(config: PruneConfig) -> dict:
     """Prune `config.checkpoint` round by round. Returns the report's rows, the report's path
     (``report``) and the pruned checkpoints, one per round (``checkpoints``)."""
-    from models.apoz import (
-        count_flops,
-        count_params,
-        prune_round,
-        pruned_widths,
-    )
-    from models.checkpoint import load_trained
-    from models.train import evaluate, train_one_epoch
 
     loaded = load_trained(config.checkpoint, data=config.data, augment=True)
     checkpoint, trained = loaded.checkpoint, loaded.args
@@ -255,7 +250,6 @@ def prune(config: PruneConfig) -> dict:
 def _plot(rows: list[dict], path: Path, *, rule: str) -> Path:
     """Accuracy after pruning and after fine-tuning against channel sparsity, each round
     labelled with its ONNX Runtime speed-up."""
-    from models.plots import line_chart_png
 
     base = rows[0]
     after_finetune = [(r["sparsity"], 100 * r["acc_after_finetune"]) for r in rows]

@@ -31,10 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
 
 from infra.exceptions import ConfigurationError
 from models.args import pseudo_label_parser
+from models.checkpoint import load_trained
 from models.manifest import file_sha256
+from models.train import TrainConfig, evaluate, resolve_device, train
 
 #: What counts as an image under --unlabeled: what torchvision's ImageFolder reads.
 IMAGE_SUFFIXES = frozenset(IMG_EXTENSIONS)
@@ -249,10 +252,6 @@ def pseudo_label(config: PseudoLabelConfig) -> dict:
     """Select with the teacher, then (unless `config.select_only`) train and fine-tune the
     student. Returns the selection summary, the student's ImageFolder (``student_data``)
     and, after training, the Table I rows."""
-    from tqdm import tqdm
-
-    from models.checkpoint import load_trained
-    from models.train import TrainConfig, evaluate, resolve_device, train
 
     out = Path(config.output_dir)
     unlabeled = Path(config.unlabeled)

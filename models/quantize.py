@@ -18,6 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from models.manifest import Manifest, file_sha256
 
@@ -52,8 +57,6 @@ def _variant_manifest(parent: Manifest, out_dir: Path, file: str, precision: str
 
 def to_fp16(source_dir: Path, out_dir: Path) -> Manifest:
     """Half-precision copy of the model in `source_dir`, FP32 at its inputs and outputs."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     parent = Manifest.load(source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,9 +67,6 @@ def to_fp16(source_dir: Path, out_dir: Path) -> Manifest:
 
 def to_int8(source_dir: Path, out_dir: Path, calibration: list[np.ndarray]) -> Manifest:
     """Static QDQ INT8 copy of the model in `source_dir`, calibrated on `calibration` batches."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     parent = Manifest.load(source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from infra.exceptions import ModelError
 from models.manifest import Manifest
@@ -30,7 +31,6 @@ class OnnxClassifier:
     """A served model: the manifest, its preset and an InferenceSession."""
 
     def __init__(self, folder: Path, *, provider: str = "cpu", intra_op_threads: int = 0) -> None:
-        import onnxruntime as ort
 
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models.args import train_parser
+from models.data import load_splits
+from models.plots import confusion_matrix, confusion_matrix_png
+from models.presets import ServingPreset, TrainPreset
+from models.resnet import build_resnet50
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -147,15 +154,6 @@ def train(config: TrainConfig) -> dict:
     Returns the test metrics (also in ``metrics.json``) and ``best_checkpoint``, the path of
     the checkpoint with the best validation accuracy.
     """
-    import json
-    import time
-
-    from tqdm import tqdm
-
-    from models.data import load_splits
-    from models.plots import confusion_matrix, confusion_matrix_png
-    from models.presets import ServingPreset, TrainPreset
-    from models.resnet import build_resnet50
 
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)

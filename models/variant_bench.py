@@ -27,12 +27,16 @@ import torch
 
 from infra.demo_images import DEMO_CLASSES, render_demo_image
 from models.apoz import count_flops, count_params, prune_round
-from models.export import export_onnx
+from models.checkpoint import load_trained
+from models.data import write_digits_folder
+from models.export import ExportConfig, export, export_onnx
 from models.manifest import Manifest, file_sha256
 from models.presets import IMAGENET_MEAN, IMAGENET_STD, ServingPreset
+from models.prune import PruneConfig, prune
 from models.quantize import make_variant
 from models.resnet import build_resnet50
 from models.runtime import OnnxClassifier
+from models.train import TrainConfig, train
 
 
 @dataclass
@@ -85,11 +89,6 @@ def digits_accuracy(
 
     Returns ({"dense FP32": acc, ...}, the dense network, the pruned network).
     """
-    from models.checkpoint import load_trained
-    from models.data import write_digits_folder
-    from models.export import ExportConfig, export
-    from models.prune import PruneConfig, prune
-    from models.train import TrainConfig, train
 
     data = write_digits_folder(workdir / "digits", size=input_size)
     print(

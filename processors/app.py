@@ -9,6 +9,7 @@ from __future__ import annotations
 import faust
 
 from infra.settings import Settings, get_settings
+from infra.topics import ensure_topics
 from processors.shed_and_fetch import register_agent
 
 
@@ -41,7 +42,6 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_worker_init.connect
     def _create_topics(sender: object, **_: object) -> None:
-        from infra.topics import ensure_topics
 
         ensure_topics(settings)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
 from infra.exceptions import CodecError, DecodeImageError
@@ -95,7 +96,6 @@ class InferenceConsumer:
         group_id: str | None = None,
         consumer_id: str | None = None,
     ) -> None:
-        from confluent_kafka import Consumer
 
         self.settings = settings
         self.classifier = classifier
@@ -180,7 +180,6 @@ class InferenceConsumer:
     # -- per batch -------------------------------------------------------------------
     def process(self, messages: list) -> int:
         """Classify one batch, deliver its output, then commit its offsets. Returns images done."""
-        from confluent_kafka import TopicPartition
 
         started = time.monotonic()
         prepared = list(self.pool.map(self.prepare, messages))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infra.exceptions import CodecError, FetchError
-from infra.fetcher import FetchedImage
+from infra.fetcher import FetchedImage, ImageFetcher
 from infra.inorder import InOrderWindow
 from infra.record_producer import Outgoing, RecordProducer, SourceRef
 from infra.settings import Settings
@@ -245,7 +245,6 @@ async def run_agent(
 
 def register_agent(app: Any, settings: Settings) -> None:
     """Put the `shed_and_fetch` agent on `app` (processors/app.py calls this)."""
-    from infra.fetcher import ImageFetcher
 
     tweets = app.topic(settings.topic("tweets"), value_serializer="raw", key_serializer="raw")
     codec = Codec.from_settings(settings)

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import threading
 
+from confluent_kafka import Consumer
+
 from infra.exceptions import CodecError
 from infra.kafka import consumed, consumer_config
 from infra.record_producer import RecordProducer, SourceRef
@@ -22,7 +24,6 @@ log = logging.getLogger(__name__)
 
 
 def consume_into(sink: SampledSink, settings: Settings, stop: threading.Event) -> None:
-    from confluent_kafka import Consumer
 
     producer = RecordProducer(settings)
     consumer = Consumer(

@@ -46,11 +46,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
 from infra.exceptions import BrokerError, CodecError, ConfigurationError
+from infra.kafka import consumed, consumer_config
 from infra.record_producer import SourceRef
 from infra.settings import Settings
+from producers.archive import archive_files, read_archive
 from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
 from producers.tweets import tweet_from_stream_line
+from schemas.codec import Codec
 from schemas.records import now_ms
 
 log = logging.getLogger(__name__)
@@ -124,7 +129,6 @@ class _Item:
 def _archive_items(
     path: Path, start: Bound | None, stop: Bound | None
 ) -> Generator[_Item, None, None]:
-    from producers.archive import read_archive
 
     source = f"archive:{path}"
     # A line without a receive time goes with its predecessor: skipped before the start
@@ -168,7 +172,6 @@ def _topic_ranges(
     consumer: Any, topic: str, start: Bound | None, stop: Bound | None
 ) -> dict[int, _Partition]:
     """Where to read each partition of `topic` (those with something to read)."""
-    from confluent_kafka import TopicPartition
 
     metadata = consumer.list_topics(topic, timeout=10)
     info = metadata.topics.get(topic)
@@ -212,10 +215,6 @@ def _topic_items(
     ``offsets_for_times`` only picks where reading starts, since a broker may answer it
     loosely (tansu answers the earliest offset for any time).
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-    from infra.kafka import consumed, consumer_config
-    from schemas.codec import Codec
 
     codec = Codec.from_settings(settings)
     start_ms = _ms(start) if isinstance(start, datetime) else None
@@ -377,8 +376,6 @@ class ReplaySource(TweetSource):
         self.speed = parse_speed(speed)
         self.run_id = run_id or uuid.uuid4().hex
         if archive is not None:
-            from producers.archive import archive_files
-
             archive_files(Path(archive))  # raises FileNotFoundError before any connection
         self.settings = settings
         self.archive = Path(archive) if archive is not None else None

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from pydantic import SecretStr
 
+from infra.demo_images import DEMO_CLASSES
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.record_producer import SourceRef
 from infra.settings import Settings
@@ -201,8 +202,6 @@ def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]
     are the demo model's, less ``others`` (which names no animal to look for).
     """
     if classes is None:
-        from infra.demo_images import DEMO_CLASSES
-
         classes = [c for c in DEMO_CLASSES if c != "others"]
     rules = []
     for name in classes:

@@ -1,4 +1,10 @@
-"""The `tagstream` command line: one entry point for every process of the pipeline."""
+"""The `tagstream` command line: one entry point for every process of the pipeline.
+
+The composition root (docs/architecture.md): the only package that imports from every
+layer. Each command imports what it runs inside its own function, for start-up time:
+`tagstream --help` stays fast, and a serving process (`tagstream infer`, `sink`,
+`produce`) never loads what it does not use, torch above all.
+"""
 
 from __future__ import annotations
 

@@ -21,8 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
+from infra.broker import EmbeddedBroker
+from infra.demo_images import render_demo_jpeg
+from infra.fetcher import ImageFetcher
+from infra.image_server import start_image_server
+from infra.record_producer import RecordProducer
 from infra.settings import Settings
+from infra.topics import ensure_topics
+from models.demo import TRAIN_SEEDS_START, ensure_demo_model
+from models.quantize import make_variant
+from models.resnet import build_resnet50
+from models.runtime import OnnxClassifier
+from processors.inference import InferenceConsumer
 from schemas import records
 from schemas.records import ImageEvent, now_ms
 
@@ -66,9 +79,6 @@ def bench_consumer(settings: Settings, classifier, images: list[bytes]) -> Figur
 
     The group join and warm-up are excluded: they are start-up, not throughput.
     """
-    from infra.record_producer import RecordProducer
-    from infra.topics import ensure_topics
-    from processors.inference import InferenceConsumer
 
     settings = settings.model_copy(update={"topic_prefix": f"bench{uuid.uuid4().hex[:8]}-"})
     ensure_topics(settings)
@@ -109,11 +119,6 @@ def bench_fetch_paths(
     classifier, checkpoint: Path, urls: list[str], batch: int
 ) -> tuple[Figure, Figure]:
     """Ours (async fetch, draft decode pool, ONNX Runtime) vs the report's way on the same URLs."""
-    import torch
-    from PIL import Image
-
-    from infra.fetcher import ImageFetcher
-    from models.resnet import build_resnet50
 
     async def ours() -> None:
         async with ImageFetcher(
@@ -172,10 +177,6 @@ def bench_fetch_paths(
 
 def int8_variant(settings: Settings, model_dir: Path, classifier):
     """The model's INT8 variant, calibrated on demo training images; cached beside the model."""
-    from infra.demo_images import render_demo_jpeg
-    from models.demo import TRAIN_SEEDS_START
-    from models.quantize import make_variant
-    from models.runtime import OnnxClassifier
 
     out = model_dir.with_name(model_dir.name + "-int8")
     if not (out / "manifest.json").is_file():
@@ -195,11 +196,6 @@ def int8_variant(settings: Settings, model_dir: Path, classifier):
 
 
 def run_bench(settings: Settings, *, images: int = 512) -> int:
-    from infra.broker import EmbeddedBroker
-    from infra.demo_images import render_demo_jpeg
-    from infra.image_server import start_image_server
-    from models.demo import ensure_demo_model
-    from models.runtime import OnnxClassifier
 
     model_dir = settings.model_dir or ensure_demo_model(settings.data_dir)
     classifier = OnnxClassifier(

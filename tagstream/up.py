@@ -18,6 +18,8 @@ from pathlib import Path
 
 from infra.broker import EmbeddedBroker, die_with_parent, free_port
 from infra.settings import Settings
+from infra.topics import ensure_topics
+from models.demo import ensure_demo_model
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
 
 
 def up(settings: Settings, *, rate: float, count: int, open_ports: bool = True) -> int:
-    from infra.topics import ensure_topics
-    from models.demo import ensure_demo_model
 
     # Explicit handlers: a process started in the background inherits SIGINT ignored,
     # and `docker stop`, systemd and `kill` send SIGTERM; either must stop everything.
