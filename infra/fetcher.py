@@ -318,13 +318,16 @@ class ImageFetcher:
         """Parse one hop and refuse bad schemes and blocked IP literals before connecting."""
         try:
             target = URL(current)
+            # yarl parses lazily: a bad host (an empty IDNA label, say) raises only here.
+            host, port = target.host, target.port
         except (ValueError, TypeError) as exc:
             raise RejectedFetchError(f"{url}: invalid URL {current!r}: {exc}") from None
         if target.scheme.lower() not in _SCHEMES:
             raise RejectedFetchError(
                 f"{url}: scheme {target.scheme or '(none)'!r} refused; only http and https"
             )
-        host = target.host
+        if port is not None and not 0 < port < 65536:
+            raise RejectedFetchError(f"{url}: port {port} out of range")
         if not host:
             raise RejectedFetchError(f"{url}: no host in {current!r}")
         ip = _ip_literal(host)

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from infra.exceptions import ConfigurationError
+from models.presets import load_upright
 
 
 @dataclass
@@ -53,19 +54,23 @@ def load_splits(
         raise ConfigurationError(f"--data {root} is not a folder")
     if (root / "train").is_dir():
         # A class may have no training images (a pseudo-label selection found none).
-        train = ImageFolder(root / "train", transform=train_transform, allow_empty=True)
+        train = ImageFolder(
+            root / "train", transform=train_transform, allow_empty=True, loader=load_upright
+        )
         val_root = root / "val" if (root / "val").is_dir() else None
         test_root = root / "test" if (root / "test").is_dir() else None
         if val_root is None or test_root is None:
             raise ConfigurationError(f"{root} has train/ but not both val/ and test/")
-        val = ImageFolder(val_root, transform=eval_transform)
-        test = ImageFolder(test_root, transform=eval_transform)
+        val = ImageFolder(val_root, transform=eval_transform, loader=load_upright)
+        test = ImageFolder(test_root, transform=eval_transform, loader=load_upright)
         if not (train.classes == val.classes == test.classes):
             raise ConfigurationError(f"train/, val/ and test/ of {root} name different classes")
-        calibration = ImageFolder(root / "train", transform=eval_transform, allow_empty=True)
+        calibration = ImageFolder(
+            root / "train", transform=eval_transform, allow_empty=True, loader=load_upright
+        )
         return Splits(train, val, test, list(train.classes), calibration)
-    for_train = ImageFolder(root, transform=train_transform)
-    for_eval = ImageFolder(root, transform=eval_transform)
+    for_train = ImageFolder(root, transform=train_transform, loader=load_upright)
+    for_eval = ImageFolder(root, transform=eval_transform, loader=load_upright)
     train_idx, val_idx, test_idx = stratified_indices(
         for_train.targets, val_split=val_split, test_split=test_split, seed=seed
     )

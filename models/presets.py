@@ -3,23 +3,35 @@
 `ServingPreset` is the one definition of what a served image looks like: the
 inference consumer applies it with Pillow and NumPy (no torch in that process),
 and training evaluates through the same class, so the two cannot drift apart.
+
+Every path that turns image bytes or files into model input turns the photo upright
+first (`infra.images.upright`): phones write JPEGs in the sensor's orientation with an
+EXIF orientation tag, and a model shown a sideways cat learns or predicts nonsense.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from infra.exceptions import DecodeImageError
+from infra.images import upright
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Decompression bombs are refused by Pillow past this many pixels (a 64 MP photo is plenty).
 Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+def load_upright(path: str | Path) -> Image.Image:
+    """An image file as upright RGB: the loader of training and teacher scoring."""
+    with Image.open(path) as image:
+        return upright(image).convert("RGB")
 
 
 class ServingPreset:
@@ -41,30 +53,37 @@ class ServingPreset:
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def decode(self, data: bytes) -> Image.Image:
-        """Decode bytes to RGB; JPEGs are decoded at a reduced scale with `draft()` first."""
+        """Decode bytes to upright RGB; JPEGs are decoded at a reduced scale with `draft()`.
+
+        Any failure on these untrusted bytes is a `DecodeImageError`, never another type."""
         try:
             image = Image.open(io.BytesIO(data))
             # draft() lets libjpeg skip DCT work for scales we would throw away anyway.
             image.draft("RGB", (self.resize_size, self.resize_size))
-            image = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise DecodeImageError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+            image = upright(image).convert("RGB")
+        except Exception as exc:  # Pillow's decoders raise many types on hostile input
+            raise DecodeImageError(
+                f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}"
+            ) from None
         return image
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
+        """Scale the shorter side to `resize_size` and take the centre `input_size` square.
+
+        Only the box that becomes the crop is resized, so the work and the memory are
+        those of the crop: resizing the whole photo first would turn a hostile 1x60000
+        image into 224 x 13 million pixels."""
         width, height = image.size
         scale = self.resize_size / min(width, height)
-        new_size = (
-            max(self.input_size, round(width * scale)),
-            max(self.input_size, round(height * scale)),
+        box_w = min(width, self.input_size / scale)
+        box_h = min(height, self.input_size / scale)
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        size = (self.input_size, self.input_size)
+        if image.size == size and (box_w, box_h) == size:
+            return image
+        return image.resize(
+            size, Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h)
         )
-        if new_size != image.size:
-            image = image.resize(new_size, Image.Resampling.BILINEAR)
-        left = (new_size[0] - self.input_size) // 2
-        top = (new_size[1] - self.input_size) // 2
-        if new_size != (self.input_size, self.input_size):
-            image = image.crop((left, top, left + self.input_size, top + self.input_size))
-        return image
 
     def to_array(self, image: Image.Image) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0

@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
@@ -37,6 +36,7 @@ from infra.exceptions import ConfigurationError
 from models.args import pseudo_label_parser
 from models.checkpoint import load_trained
 from models.manifest import file_sha256
+from models.presets import load_upright
 from models.train import TrainConfig, evaluate, resolve_device, train
 
 #: What counts as an image under --unlabeled: what torchvision's ImageFolder reads.
@@ -162,9 +162,8 @@ def score_images(
 
     for index, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
-                batch.append(preset(image))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+            batch.append(preset(load_upright(path)))
+        except Exception as exc:  # untrusted files: Pillow raises many types
             unreadable[str(path)] = f"{type(exc).__name__}: {exc}"
         else:
             readable.append(index)

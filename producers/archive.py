@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -166,7 +167,14 @@ def _decode(raw: bytes) -> tuple[float | None, ArchivedLine]:
     )
     if not is_record:
         return None, obj  # a plain v2 stream line
-    t_ms = float(t) if t is not None else None
+    # JSON from elsewhere may say Infinity or NaN: such a time is no time (pacing would
+    # wait for ever on it); the line is still replayed.
+    try:
+        t_ms = float(t) if t is not None else None
+    except OverflowError:  # an integer beyond any float
+        t_ms = None
+    if t_ms is not None and not math.isfinite(t_ms):
+        t_ms = None
     if "line" in obj:
         line = obj["line"]
         if isinstance(line, dict):

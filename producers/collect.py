@@ -46,6 +46,7 @@ from pydantic import SecretStr
 
 from infra.exceptions import CodecError, ConfigurationError, DecodeImageError, FetchError
 from infra.fetcher import ImageFetcher
+from infra.images import upright
 from infra.settings import Settings
 from producers.tweets import tweet_from_stream_line
 from producers.xapi import (
@@ -171,7 +172,7 @@ def examine_image(data: bytes) -> ExaminedImage:
             fmt = probe.format
             probe.verify()
         with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")  # decodes every pixel: verify() does not
+            rgb = upright(image).convert("RGB")  # decodes every pixel: verify() does not
     except DecodeImageError:
         raise
     except Exception as exc:  # Pillow's decoders raise many types on hostile input
@@ -190,8 +191,8 @@ def examine_image(data: bytes) -> ExaminedImage:
         sha256=hashlib.sha256(out).hexdigest(),
         source_sha256=source_sha,
         phash=perceptual_hash(rgb),
-        width=width,
-        height=height,
+        width=rgb.width,  # upright, as a viewer shows it
+        height=rgb.height,
     )
 
 
