@@ -128,6 +128,13 @@ class EmbeddedBroker:
         log.info("embedded broker ready at %s", self.bootstrap)
         return self
 
+    @property
+    def pid(self) -> int:
+        """The broker process's pid (tests stall it with SIGSTOP)."""
+        if self._process is None:
+            raise BrokerError("the broker is not running")
+        return self._process.pid
+
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         ge=0,
         description="consumer fetch.wait.max.ms; tansu holds every fetch this long, so keep it low",
     )
+    broker_wait_s: float = Field(
+        60.0, ge=0, description="how long a process waits for Kafka at start before it stops"
+    )
     kafka_extra: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka settings (security.protocol, sasl.*)"
     )

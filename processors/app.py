@@ -6,8 +6,13 @@ Configuration comes from the settings object, like every other process.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import faust
 
+from infra.exceptions import BrokerError
+from infra.kafka import wait_for_broker
 from infra.settings import Settings, get_settings
 from infra.topics import ensure_topics
 from processors.shed_and_fetch import register_agent
@@ -41,9 +46,15 @@ def create_app(settings: Settings) -> faust.App:
     )
 
     @app.on_worker_init.connect
-    def _create_topics(sender: object, **_: object) -> None:
-
-        ensure_topics(settings)
+    def _wait_for_kafka_and_create_topics(sender: object, **_: object) -> None:
+        # Before Faust's own clients start: wait for the cluster (one line while it is
+        # away), or stop with one clear error line instead of a traceback.
+        try:
+            wait_for_broker(settings)
+            ensure_topics(settings)
+        except BrokerError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     return app
 

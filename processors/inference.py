@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, TopicPartition
 from PIL import Image
 
 from infra.exceptions import CodecError, DecodeImageError
-from infra.kafka import consumed, consumer_config
+from infra.kafka import commit, consumed, consumer_config
 from infra.record_producer import RecordProducer, SourceRef
 from infra.settings import Settings
 from models.runtime import OnnxClassifier
@@ -200,9 +200,7 @@ class InferenceConsumer:
         last: dict[tuple[str, int], int] = {}
         for message in messages:
             last[(message.topic(), message.partition())] = message.offset()
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False
-        )
+        commit(self.consumer, [TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
         self.stats.images += len(ready)
         self.stats.batches += 1
         self.stats.busy_s += time.monotonic() - started

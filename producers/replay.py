@@ -49,7 +49,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from infra.exceptions import BrokerError, CodecError, ConfigurationError
-from infra.kafka import consumed, consumer_config
+from infra.kafka import consumed, consumer_config, wait_for_broker
 from infra.record_producer import SourceRef
 from infra.settings import Settings
 from producers.archive import archive_files, read_archive
@@ -445,6 +445,8 @@ def replay(
         speed=speed,
         run_id=run_id,
     )
+
+    wait_for_broker(settings)  # after the checks above: a bad argument fails at once
 
     async def wait(seconds: float) -> None:
         # A blocking sleep is what tests inject; the replay's loop has nothing else to do.

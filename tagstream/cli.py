@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from infra.kafka import wait_for_broker
 from infra.settings import get_settings
 from models import args as model_args
 
@@ -58,7 +59,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from infra.topics import ensure_topics
 
-    created = ensure_topics(get_settings())
+    settings = get_settings()
+    wait_for_broker(settings)
+    created = ensure_topics(settings)
     print("created: " + (", ".join(created) or "none (all exist)"))
     return 0
 
@@ -102,6 +105,7 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
         start=args.start,
     )
     positions = PositionFile(Path(args.state)) if args.state else None
+    wait_for_broker(settings)
     counts = _run_with_signals(
         lambda stop: run_source(settings, source, stop=stop, positions=positions)
     )
@@ -132,6 +136,8 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
     settings = get_settings()
     if _no_bearer_token(settings, "filtered stream"):
         return 2
+    if not args.dry_run:
+        wait_for_broker(settings)
 
     async def run(stop: asyncio.Event) -> Counter[str]:
         archive = None
@@ -214,12 +220,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from models.demo import ensure_demo_model
     from models.runtime import OnnxClassifier
     from processors.inference import InferenceConsumer
 
     settings = get_settings()
-    model_dir = args.model_dir or settings.model_dir or ensure_demo_model(settings.data_dir)
+    model_dir = args.model_dir or settings.model_dir
+    if model_dir is None:
+        # Only without a model folder: the demo model is trained with torch, which a
+        # serving process otherwise never loads.
+        from models.demo import ensure_demo_model
+
+        model_dir = ensure_demo_model(settings.data_dir)
+    wait_for_broker(settings)
     classifier = OnnxClassifier(
         model_dir, provider=settings.ort_provider, intra_op_threads=settings.ort_intra_op_threads
     )
@@ -236,8 +248,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_sink(args: argparse.Namespace) -> int:
     from processors.sink_consumer import run_sink
 
+    settings = get_settings()
+    wait_for_broker(settings)
     try:
-        asyncio.run(run_sink(get_settings()))
+        asyncio.run(run_sink(settings))
     except KeyboardInterrupt:
         pass
     return 0
