@@ -140,8 +140,7 @@ def commit(consumer: Any, offsets: list[Any]) -> bool:
         if error is not None and error.fatal():
             raise
         log.warning(
-            "commit of %d partition offset(s) refused (%s): those records may be "
-            "processed again",
+            "commit of %d partition offset(s) refused (%s): those records may be processed again",
             len(offsets),
             _reason(exc),
         )
