@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import faust
 
@@ -18,11 +19,35 @@ from infra.topics import ensure_topics
 from processors.shed_and_fetch import register_agent
 
 
+def use_fetch_wait(wait_ms: int) -> None:
+    """Make Faust's Kafka consumer wait at most `wait_ms` for data in a fetch.
+
+    faust-streaming builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` hard-coded.
+    Real Kafka answers a fetch as soon as data is there, but tansu (the embedded broker)
+    holds every fetch for the whole wait (measured), which put up to 1.5 s on every tweet
+    between a producer and the agent. The settings' `fetch_wait_max_ms` is used instead,
+    as the librdkafka clients use it (infra/kafka.py).
+    """
+    from faust.transport.drivers import aiokafka as driver
+
+    thread = driver.AIOKafkaConsumerThread
+    original = getattr(thread, "_tagstream_original_create", thread._create_worker_consumer)
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts its fetcher
+        return consumer
+
+    thread._tagstream_original_create = original
+    thread._create_worker_consumer = create_worker_consumer
+
+
 def faust_broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
 
 def create_app(settings: Settings) -> faust.App:
+    use_fetch_wait(settings.fetch_wait_max_ms)
     (settings.data_dir / "faust").parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.topic_prefix}tagstream",
