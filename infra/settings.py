@@ -58,8 +58,31 @@ class Settings(BaseSettings):
     )
 
     # Shedding and fetch --------------------------------------------------------
-    admission_rate: float = Field(50.0, gt=0, description="tweets/s admitted by the token bucket")
-    admission_burst: float = Field(100.0, ge=1, description="token bucket capacity")
+    latency_target_ms: float = Field(
+        2000.0, gt=0, description="what admitted photos should take from tweet to hashtag"
+    )
+    admission_mode: Literal["closed_loop", "fixed"] = Field(
+        "closed_loop",
+        description="closed_loop: admit what the inference consumers can finish within the "
+        "latency target (processors/admission.py); fixed: admission_rate alone",
+    )
+    admission_rate: float = Field(
+        1000.0, gt=0, description="tweets/s admitted at most (the ceiling; all of it in fixed mode)"
+    )
+    admission_burst: float = Field(2000.0, ge=1, description="token bucket of the ceiling")
+    admission_fallback_rate: float = Field(
+        5.0, gt=0, description="images/s admitted while no inference consumer reports capacity"
+    )
+    admission_queue_share: float = Field(
+        0.25, gt=0, lt=1, description="share of the latency target left for queueing"
+    )
+    admission_drain_s: float = Field(
+        2.0, gt=0, description="time in which the controller drains a backlog above its aim"
+    )
+    result_cache_size: int = Field(
+        20_000, ge=0, description="results kept to answer repeated photos (0: no cache)"
+    )
+    result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long a cached result serves")
     fetch_concurrency: int = Field(32, ge=1, description="image fetches in flight overall")
     fetch_per_host: int = Field(8, ge=1, description="image fetches in flight per host")
     fetch_connect_timeout_s: float = Field(3.0, gt=0)
@@ -88,6 +111,12 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime choose")
     thumbnail_px: int = Field(160, ge=0, description="thumbnail edge carried on results; 0: none")
     consumer_id: str | None = Field(None, description="inference consumer id; default host-pid")
+    infer_throttle_images_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="cap an inference consumer at this rate, to simulate a slower "
+        "device in tests and demos (0: no cap)",
+    )
 
     # Sink and gallery ------------------------------------------------------------
     sink_dir: Path | None = Field(None, description="sink output; default <data_dir>/sink")

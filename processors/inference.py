@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import socket
 import threading
@@ -39,7 +40,26 @@ from schemas.records import HashtagResult, ImageEvent, capacity_report, hashtag_
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 5.0
+#: Seconds between two capacity reports: the admission controller's sampling period.
+REPORT_INTERVAL_S = 1.0
+
+
+class CapacityMeter:
+    """Images per busy second: what this consumer can take, measured on its own batches.
+
+    An exponentially weighted mean over busy time (not wall time: an idle consumer has
+    not lost capacity), with a time constant of `tau_s` busy seconds."""
+
+    def __init__(self, *, initial: float = 0.0, tau_s: float = 2.0) -> None:
+        self.rate = initial
+        self.tau_s = tau_s
+
+    def add(self, images: int, busy_s: float) -> None:
+        if images <= 0 or busy_s <= 0:
+            return
+        weight = 1.0 - math.exp(-busy_s / self.tau_s)
+        measured = images / busy_s
+        self.rate = measured if self.rate <= 0 else self.rate + weight * (measured - self.rate)
 
 
 @dataclass
@@ -109,6 +129,7 @@ class InferenceConsumer:
         self.codec = self.producer.codec
         self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self.stats = InferenceStats()
+        self.capacity = CapacityMeter()
         self._last_report = time.monotonic()
         self._report_images = 0
         self._report_batches = 0
@@ -202,8 +223,13 @@ class InferenceConsumer:
             last[(message.topic(), message.partition())] = message.offset()
         commit(self.consumer, [TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
         self.stats.images += len(ready)
+        throttle = self.settings.infer_throttle_images_per_s
+        if throttle:  # a slower device, simulated (tests, demos)
+            time.sleep(max(0.0, len(messages) / throttle - (time.monotonic() - started)))
         self.stats.batches += 1
-        self.stats.busy_s += time.monotonic() - started
+        busy = time.monotonic() - started
+        self.stats.busy_s += busy
+        self.capacity.add(len(messages), busy)
         self.stats.decode_s += decoded - started
         self._report_images += len(ready)
         self._report_batches += 1
@@ -216,12 +242,23 @@ class InferenceConsumer:
             return
         report = capacity_report(
             consumer_id=self.consumer_id,
-            images_per_s=self._report_images / elapsed if elapsed > 0 else 0.0,
+            images_per_s=self.capacity.rate,
             batch_size=self._report_images / self._report_batches if self._report_batches else 0,
             queue_depth=self.lag(),
         )
         self.producer.send("capacity", report, key=self.consumer_id)
         self._last_report, self._report_images, self._report_batches = now, 0, 0
+
+    def _first_estimate(self) -> float:
+        """Capacity before any image: one full batch of the model alone, less a share
+        for decoding; the meter corrects it from the first real batches on."""
+        size, edge = self.settings.batch_max_size, self.classifier.manifest.input_size
+        batch = np.zeros((size, 3, edge, edge), dtype=np.float32)
+        started = time.monotonic()
+        self.classifier.probabilities(batch)
+        estimate = 0.7 * size / max(time.monotonic() - started, 1e-6)
+        throttle = self.settings.infer_throttle_images_per_s
+        return min(estimate, throttle) if throttle else estimate
 
     def lag(self) -> int:
         total = 0
@@ -245,7 +282,9 @@ class InferenceConsumer:
         """Warm up, join the group and process until `stop` is set; closes in `finally`."""
         stop = stop or threading.Event()
         self.classifier.warm_up((1, self.settings.batch_max_size))
+        self.capacity.rate = self._first_estimate()
         self.consumer.subscribe([self.images_topic])
+        self.report_capacity(force=True)  # the admission controller may start admitting
         log.info(
             "inference consumer %s: model %s on %s, group %s",
             self.consumer_id,

@@ -31,6 +31,7 @@ DeadLetter (undecodable record; a photo that cannot be fetched).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
@@ -41,9 +42,20 @@ from infra.fetcher import FetchedImage, ImageFetcher
 from infra.inorder import InOrderWindow
 from infra.record_producer import Outgoing, RecordProducer, SourceRef
 from infra.settings import Settings
-from processors.admission import Admission, AdmissionController
+from processors.admission import NO_PHOTO, Admission, AdmissionController
+from processors.feedback import FeedbackReader
+from processors.result_cache import CachedResult, ResultCache
 from schemas.codec import Codec
-from schemas.records import Media, Tweet, image_event, now_ms, photos, shed_record
+from schemas.records import (
+    Media,
+    Tweet,
+    hashtag_result,
+    image_event,
+    now_ms,
+    photos,
+    rule_tags,
+    shed_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +75,18 @@ class Consumed:
 class ShedAndFetch:
     """The stage's logic, free of Faust and Kafka so that it can be tested on its own."""
 
-    def __init__(self, *, codec: Codec, fetcher: Fetcher, admission: AdmissionController) -> None:
+    def __init__(
+        self,
+        *,
+        codec: Codec,
+        fetcher: Fetcher,
+        admission: AdmissionController,
+        cache: ResultCache | None = None,
+    ) -> None:
         self.codec = codec
         self.fetcher = fetcher
         self.admission = admission
+        self.cache = cache
 
     @staticmethod
     def dead_letter(consumed: Consumed, stage: str, error: BaseException, **ids: Any) -> Outgoing:
@@ -76,26 +96,60 @@ class ShedAndFetch:
             key = key.decode("utf-8", "replace")
         return Outgoing("deadletter", key, letter)
 
-    @staticmethod
     def _shed(
-        tweet: Tweet, reason: str, detail: str, media_keys: list[str], admission: Admission
+        self, tweet: Tweet, reason: str, detail: str, media_keys: list[str], admission: Admission
     ) -> Outgoing:
+        state = admission.state
+        high = self.admission.high_priority(rule_tags(tweet))
         record = shed_record(
             tweet=tweet,
             reason=reason,
             detail=detail,
             media_keys=media_keys,
-            admission_rate=admission.admission_rate,
+            admission_rate=admission.tweet_rate,
             observed_rate=admission.observed_rate,
             tokens=admission.tokens,
+            priority="" if reason == NO_PHOTO else ("high" if high else "low"),
+            controller_mode=state.mode,
+            capacity_images_per_s=state.capacity,
+            backlog_images=state.backlog,
+            estimated_delay_ms=state.delay_s * 1000.0,
+            admitted_images_per_s=state.rate,
         )
         return Outgoing("tweets.shed", tweet["id"], record)
+
+    def _cached(
+        self, tweet: Tweet, photo: Media, entry: CachedResult, timestamps: dict[str, float]
+    ) -> Outgoing:
+        event = {
+            "tweet_id": tweet["id"],
+            "media_key": photo["media_key"],
+            "url": photo["url"],
+            "tweet_text": tweet["text"],
+            "source": tweet.get("source"),
+            "replay_run_id": tweet.get("replay_run_id"),
+            "timestamps": timestamps,
+        }
+        result = hashtag_result(
+            event=event,
+            hashtags=entry.hashtags,
+            top_class=entry.top_class,
+            scores=entry.scores,
+            model_id=entry.model_id,
+            model_version=entry.model_version,
+            thumbnail=entry.thumbnail,
+            timestamps={"produced": now_ms()},
+            cached=True,
+        )
+        return Outgoing("hashtags", tweet["id"], result)
 
     async def process(self, consumed: Consumed) -> list[Outgoing]:
         """Everything one consumed tweet produces.
 
-        Decoding and admission run before the first await, so tweets are admitted
-        in the order they were consumed even though their fetches overlap.
+        Decoding, the cache and admission run before the first await, so tweets are
+        admitted in the order they were consumed even though their fetches overlap. A
+        tweet is admitted or shed whole: its photos that the cache cannot answer need
+        tokens for all of them.
         """
         received = now_ms()
         try:
@@ -106,20 +160,38 @@ class ShedAndFetch:
         if not tweet_photos:
             kinds = sorted({m["type"] for m in tweet["media"]}) or ["none"]
             detail = "media: " + ",".join(kinds)
-            return [self._shed(tweet, "no_photo", detail, [], self.admission.snapshot())]
-        admission = self.admission.admit()
-        if not admission.admitted:
-            keys = [p["media_key"] for p in tweet_photos]
-            return [self._shed(tweet, "over_rate", "token bucket empty", keys, admission)]
+            return [self._shed(tweet, NO_PHOTO, detail, [], self.admission.snapshot())]
+        answered: dict[int, CachedResult] = {}
+        if self.cache is not None:
+            for position, photo in enumerate(tweet_photos):
+                entry = self.cache.lookup(media_key=photo["media_key"], url=photo["url"])
+                if entry is not None:
+                    answered[position] = entry
+        todo = len(tweet_photos) - len(answered)
+        if todo:
+            age_s = max(0.0, received - tweet["ingested_at_ms"]) / 1000.0
+            admission = self.admission.admit(photos=todo, rule_tags=rule_tags(tweet), age_s=age_s)
+            if not admission.admitted:
+                keys = [p["media_key"] for p in tweet_photos]
+                return [self._shed(tweet, admission.reason, admission.detail, keys, admission)]
         admitted = now_ms()
-        return list(
-            await asyncio.gather(
+        stamps = {"ingested": tweet["ingested_at_ms"], "received": received, "admitted": admitted}
+        out: list[Outgoing] = []
+        for position, entry in answered.items():
+            self.cache.count(hit=True)  # type: ignore[union-attr]
+            out.append(self._cached(tweet, tweet_photos[position], entry, stamps))
+        self.admission.fetching += todo
+        try:
+            out += await asyncio.gather(
                 *(
-                    self._fetch_one(consumed, tweet, photo, position, received, admitted)
+                    self._fetch_one(consumed, tweet, photo, position, stamps)
                     for position, photo in enumerate(tweet_photos)
+                    if position not in answered
                 )
             )
-        )
+        finally:
+            self.admission.fetching -= todo
+        return out
 
     async def _fetch_one(
         self,
@@ -127,8 +199,7 @@ class ShedAndFetch:
         tweet: Tweet,
         photo: Media,
         position: int,
-        received: float,
-        admitted: float,
+        stamps: dict[str, float],
     ) -> Outgoing:
         ids = {"tweet_id": tweet["id"], "media_key": photo["media_key"], "url": photo["url"]}
         started = now_ms()
@@ -136,19 +207,22 @@ class ShedAndFetch:
             fetched = await self.fetcher.fetch(str(photo["url"]))
         except FetchError as exc:
             return self.dead_letter(consumed, "fetch", exc, **ids)
+        timestamps = stamps | {"fetch_start": started, "fetched": now_ms()}
+        if self.cache is not None:
+            # The same bytes under another key and URL: a copy of a photo seen before.
+            sha = hashlib.sha256(fetched.data).hexdigest()
+            entry = self.cache.lookup(sha256=sha)
+            self.cache.count(hit=entry is not None)
+            if entry is not None:
+                return self._cached(tweet, photo, entry, timestamps)
+            self.cache.note_image(photo["media_key"], sha)
         event = image_event(
             tweet=tweet,
             photo=photo,
             position=position,
             content_type=fetched.content_type,
             image=fetched.data,
-            timestamps={
-                "ingested": tweet["ingested_at_ms"],
-                "received": received,
-                "admitted": admitted,
-                "fetch_start": started,
-                "fetched": now_ms(),
-            },
+            timestamps=timestamps,
         )
         return Outgoing("images", photo["media_key"], event)
 
@@ -243,19 +317,94 @@ async def run_agent(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def admission_from_settings(settings: Settings) -> AdmissionController:
+    """The admission controller the settings describe."""
+    return AdmissionController(
+        target_s=settings.latency_target_ms / 1000.0,
+        ceiling_rate=settings.admission_rate,
+        ceiling_burst=settings.admission_burst,
+        mode=settings.admission_mode,
+        fallback_rate=settings.admission_fallback_rate,
+        queue_share=settings.admission_queue_share,
+        drain_s=settings.admission_drain_s,
+    )
+
+
+class Feedback:
+    """Capacity reports and results, read in a thread, applied on the agent's loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        admission: AdmissionController,
+        cache: ResultCache,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.cache = cache
+        self.stale_ms = admission.stale_after_s * 1000.0
+        self.reader = FeedbackReader(
+            settings,
+            on_capacity=lambda report: loop.call_soon_threadsafe(self.capacity, report),
+            on_result=lambda result: loop.call_soon_threadsafe(self.result, result),
+        )
+
+    def capacity(self, report: dict[str, Any]) -> None:
+        # Reports older than the staleness bound (a compacted topic keeps the last one of
+        # every consumer that ever ran) are not capacity that exists now.
+        if now_ms() - report["reported_at_ms"] <= self.stale_ms:
+            self.admission.observe_capacity(
+                report["consumer_id"],
+                images_per_s=report["images_per_s"],
+                queue_depth=report["queue_depth"],
+            )
+
+    def result(self, result: dict[str, Any]) -> None:
+        self.cache.add(result)
+        if result.get("scores") and not result.get("cached"):
+            self.admission.set_classes(result["scores"])
+
+
+def partition_share(app: Any, topic: str) -> float | None:
+    """This worker's share of `topic`'s partitions, from the Faust consumer's assignment."""
+    try:
+        mine = sum(1 for tp in app.consumer.assignment() if tp.topic == topic)
+        total = app.consumer.topic_partitions(topic)
+    except Exception:  # not started, or rebalancing: the share is known next time
+        return None
+    return mine / total if total else None
+
+
 def register_agent(app: Any, settings: Settings) -> None:
     """Put the `shed_and_fetch` agent on `app` (processors/app.py calls this)."""
-
-    tweets = app.topic(settings.topic("tweets"), value_serializer="raw", key_serializer="raw")
+    tweets_topic = settings.topic("tweets")
+    tweets = app.topic(tweets_topic, value_serializer="raw", key_serializer="raw")
     codec = Codec.from_settings(settings)
-    admission = AdmissionController(rate=settings.admission_rate, burst=settings.admission_burst)
+    admission = admission_from_settings(settings)
+    cache = ResultCache(max_entries=settings.result_cache_size, ttl_s=settings.result_cache_ttl_s)
+
+    @app.timer(1.0)
+    async def follow_the_share() -> None:
+        # Each worker admits its share of the controller's rate: a rebalance (a worker
+        # joining or leaving) moves partitions, and with them the shares.
+        share = partition_share(app, tweets_topic)
+        if share is not None and share != admission.share:
+            log.info(
+                "admitting %.0f%% of the pipeline's rate (partitions of %s)",
+                share * 100,
+                tweets_topic,
+            )
+            admission.set_share(share)
 
     @app.agent(tweets, name="shed_and_fetch")
     async def shed_and_fetch(stream: Any) -> None:
         producer = RecordProducer(settings, codec=codec)
+        feedback = Feedback(settings, admission, cache, asyncio.get_running_loop())
+        feedback.reader.start()
         try:
             async with ImageFetcher.from_settings(settings) as fetcher:
-                stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=admission)
+                stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=admission, cache=cache)
                 await run_agent(
                     stream.noack().events(),
                     stage,
@@ -264,4 +413,5 @@ def register_agent(app: Any, settings: Settings) -> None:
                     max_unacked=settings.agent_max_unacked,
                 )
         finally:
+            feedback.reader.stop()
             await asyncio.to_thread(producer.close)

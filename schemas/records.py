@@ -178,6 +178,7 @@ class HashtagResult(TypedDict):
     replay_run_id: str | None
     thumbnail: bytes | None
     timestamps: dict[str, float]
+    cached: bool
 
 
 def hashtag_result(
@@ -191,6 +192,7 @@ def hashtag_result(
     consumer_id: str = "",
     thumbnail: bytes | None = None,
     timestamps: Mapping[str, float] | None = None,
+    cached: bool = False,
 ) -> HashtagResult:
     """The result for the photo of ImageEvent `event`; `timestamps` extend the event's."""
     return HashtagResult(
@@ -208,6 +210,7 @@ def hashtag_result(
         replay_run_id=event.get("replay_run_id"),
         thumbnail=thumbnail,
         timestamps=dict(event.get("timestamps") or {}) | dict(timestamps or {}),
+        cached=cached,
     )
 
 
@@ -225,6 +228,12 @@ class ShedRecord(TypedDict):
     source: str
     replay_run_id: str | None
     shed_at_ms: float
+    priority: str
+    controller_mode: str
+    capacity_images_per_s: float
+    backlog_images: float
+    estimated_delay_ms: float
+    admitted_images_per_s: float
 
 
 def shed_record(
@@ -236,8 +245,15 @@ def shed_record(
     admission_rate: float,
     observed_rate: float,
     tokens: float,
+    priority: str = "",
+    controller_mode: str = "",
+    capacity_images_per_s: float = 0.0,
+    backlog_images: float = 0.0,
+    estimated_delay_ms: float = 0.0,
+    admitted_images_per_s: float = 0.0,
 ) -> ShedRecord:
-    """The record of `tweet` dropped on purpose, for `reason`, with the rates at that moment."""
+    """The record of `tweet` dropped on purpose, for `reason`, with the rates and the
+    admission controller's state at that moment."""
     return ShedRecord(
         tweet_id=tweet["id"],
         reason=reason,
@@ -249,6 +265,12 @@ def shed_record(
         source=tweet.get("source") or "unknown",
         replay_run_id=tweet.get("replay_run_id"),
         shed_at_ms=now_ms(),
+        priority=priority,
+        controller_mode=controller_mode,
+        capacity_images_per_s=float(capacity_images_per_s),
+        backlog_images=float(backlog_images),
+        estimated_delay_ms=float(estimated_delay_ms),
+        admitted_images_per_s=float(admitted_images_per_s),
     )
 
 

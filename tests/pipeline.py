@@ -136,6 +136,8 @@ class Ledger:
         self.dead_keys: Counter[str] = Counter()
         self.dead_sources: set[tuple[str, int, int]] = set()
         self.tweet_copies: Counter[str] = Counter()
+        self.results: list[dict] = []  # without thumbnails
+        self.shed: list[dict] = []
 
     def read(self, seconds: float = 1.0) -> None:
         deadline = time.monotonic() + seconds
@@ -161,8 +163,11 @@ class Ledger:
         record = self.codec.decode(self.TOPICS[short], value)
         if short == "hashtags":
             self.result_keys[record["media_key"]] += 1
+            record.pop("thumbnail", None)
+            self.results.append(record)
         elif short == "tweets.shed":
             self.shed_ids[record["tweet_id"]] += 1
+            self.shed.append(record)
         elif record["media_key"]:
             self.dead_keys[record["media_key"]] += 1
         else:  # a whole record dead-lettered: where it came from says which

@@ -47,6 +47,7 @@ def test_kill_9_of_the_faust_worker_with_a_slow_photo_in_flight_loses_nothing(
     (its issue #606); the agent's in-order ack window must keep the slow tweet uncommitted."""
     settings = make_settings(
         topic_partitions=1,
+        admission_mode="fixed",  # no inference consumer here: every photo admitted
         admission_rate=10_000.0,
         admission_burst=10_000.0,
         fetch_allow_hosts=["127.0.0.1"],

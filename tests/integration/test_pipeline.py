@@ -44,6 +44,7 @@ def test_every_tweet_and_photo_is_accounted_for_exactly_once(
     make_settings, image_server, demo_model_dir, tmp_path
 ) -> None:
     settings = make_settings(
+        admission_mode="fixed",  # every photo admitted: this test is about the rest
         admission_rate=10_000.0,
         admission_burst=10_000.0,
         fetch_allow_hosts=["127.0.0.1"],
@@ -161,6 +162,7 @@ def test_every_tweet_and_photo_is_accounted_for_exactly_once(
 
 def test_over_rate_tweets_are_shed_on_record(make_settings, image_server, tmp_path) -> None:
     settings = make_settings(
+        admission_mode="fixed",
         admission_rate=1.0,
         admission_burst=3.0,
         fetch_allow_hosts=["127.0.0.1"],

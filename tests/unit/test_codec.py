@@ -86,6 +86,7 @@ VALUES: dict[str, dict[str, Any]] = {
         "replay_run_id": None,
         "thumbnail": b"\xff\xd8\xff\xdbthumb\xff\xd9",
         "timestamps": {"ingested": 1715623451123.5, "inferred": 1715623451301.25},
+        "cached": False,
     },
     "ShedRecord": {
         "tweet_id": "1790000000000000003",
@@ -98,6 +99,12 @@ VALUES: dict[str, dict[str, Any]] = {
         "source": "synthetic",
         "replay_run_id": None,
         "shed_at_ms": 1715623451400.0,
+        "priority": "low",
+        "controller_mode": "closed_loop",
+        "capacity_images_per_s": 120.5,
+        "backlog_images": 40.0,
+        "estimated_delay_ms": 332.0,
+        "admitted_images_per_s": 101.25,
     },
     "DeadLetter": {
         "source_topic": "tweets",

@@ -250,7 +250,9 @@ class InstantFetcher:
 )
 def test_any_record_on_tweets_ends_as_images_shed_or_dead_letters(value: bytes) -> None:
     stage = ShedAndFetch(
-        codec=CODEC, fetcher=InstantFetcher(), admission=AdmissionController(rate=1, burst=1)
+        codec=CODEC,
+        fetcher=InstantFetcher(),
+        admission=AdmissionController(target_s=2, ceiling_rate=1, ceiling_burst=1),
     )
     outgoing = asyncio.run(stage.process(Consumed(value, SourceRef("tweets", 0, 5, b"k"))))
     assert outgoing, "nothing came of a consumed record"

@@ -10,11 +10,21 @@ from infra.exceptions import RejectedFetchError
 from infra.fetcher import FetchedImage
 from infra.record_producer import SourceRef
 from processors.admission import AdmissionController
+from processors.result_cache import ResultCache
 from processors.shed_and_fetch import Consumed, ShedAndFetch, run_agent
 from schemas.codec import Codec
+from schemas.records import now_ms
 from tests.helpers import RecordingProducer
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FakeFetcher:
@@ -45,7 +55,12 @@ def tweet(tweet_id: str, *media: tuple[str, str | None]) -> dict:
 def run(stage: ShedAndFetch, codec: Codec, value: bytes, offset: int = 0) -> list[tuple[str, dict]]:
     consumed = Consumed(value, SourceRef("tweets", 0, offset, b"k"))
     outgoing = asyncio.run(stage.process(consumed))
-    records = {"images": "ImageEvent", "tweets.shed": "ShedRecord", "deadletter": "DeadLetter"}
+    records = {
+        "images": "ImageEvent",
+        "tweets.shed": "ShedRecord",
+        "deadletter": "DeadLetter",
+        "hashtags": "HashtagResult",
+    }
     # Through the codec, as the producer would: every value must fit its schema.
     return [
         (o.topic, codec.decode(records[o.topic], codec.encode(records[o.topic], o.value)))
@@ -53,10 +68,17 @@ def run(stage: ShedAndFetch, codec: Codec, value: bytes, offset: int = 0) -> lis
     ]
 
 
-def make(rate: float = 100.0, burst: float = 100.0) -> tuple[ShedAndFetch, Codec, FakeFetcher]:
+def fixed(rate: float = 1e6, burst: float = 1e6) -> AdmissionController:
+    """The fixed ceiling alone, as before the closed loop."""
+    return AdmissionController(target_s=2.0, ceiling_rate=rate, ceiling_burst=burst, mode="fixed")
+
+
+def make(
+    rate: float = 100.0, burst: float = 100.0, *, admission=None, cache=None
+) -> tuple[ShedAndFetch, Codec, FakeFetcher]:
     codec, fetcher = Codec(), FakeFetcher()
     stage = ShedAndFetch(
-        codec=codec, fetcher=fetcher, admission=AdmissionController(rate=rate, burst=burst)
+        codec=codec, fetcher=fetcher, admission=admission or fixed(rate, burst), cache=cache
     )
     return stage, codec, fetcher
 
@@ -85,6 +107,51 @@ def test_no_photo_and_over_rate_are_shed_with_reasons() -> None:
     assert first[0][0] == "images"
     assert second[0][0] == "tweets.shed" and second[0][1]["reason"] == "over_rate"
     assert second[0][1]["media_keys"] == ["3_0"] and fetcher.urls == ["http://h/a.jpg"]
+
+
+def test_the_controller_sheds_over_capacity_and_deadline_with_its_state() -> None:
+    clock = Clock()
+    controller = AdmissionController(target_s=2.0, ceiling_rate=1e6, ceiling_burst=1e6, clock=clock)
+    controller.observe_capacity("c1", images_per_s=4.0, queue_depth=0)
+    stage, codec, _ = make(admission=controller)
+    fresh = [tweet(f"{n}", ("photo", f"http://h/{n}.jpg")) for n in range(10)]
+    for t in fresh:
+        t["ingested_at_ms"] = now_ms()
+    outcomes = [run(stage, codec, codec.encode("Tweet", t)) for t in fresh]
+    shed = [out[0][1] for out in outcomes if out[0][0] == "tweets.shed"]
+    assert shed and {r["reason"] for r in shed} == {"over_capacity"}
+    record = shed[0]
+    assert record["controller_mode"] == "closed_loop" and record["capacity_images_per_s"] == 4.0
+    assert record["priority"] == "high" and record["admitted_images_per_s"] > 0
+    old = tweet("old", ("photo", "http://h/old.jpg"))
+    old["ingested_at_ms"] = now_ms() - 5000  # its latency is already lost
+    (late,) = run(stage, codec, codec.encode("Tweet", old))
+    assert late[0] == "tweets.shed" and late[1]["reason"] == "deadline"
+
+
+def test_repeated_photos_are_answered_from_the_cache_without_fetch_or_inference() -> None:
+    cache = ResultCache(max_entries=100, ttl_s=60)
+    stage, codec, fetcher = make(cache=cache)
+    (first,) = run(stage, codec, codec.encode("Tweet", tweet("1", ("photo", "http://h/a.jpg"))))
+    assert first[0] == "images"
+    # The inference consumer's result for it comes back on `hashtags`.
+    cache.add(
+        {
+            "media_key": "1_0", "url": "http://h/a.jpg", "hashtags": ["#cats"],
+            "top_class": "cats", "scores": {"cats": 0.5}, "model_id": "m",
+            "model_version": "1", "thumbnail": b"jpg",
+        }
+    )  # fmt: skip
+    retweet = tweet("2", ("photo", "http://h/a.jpg"))
+    retweet["media"][0]["media_key"] = "1_0"
+    (hit,) = run(stage, codec, codec.encode("Tweet", retweet))
+    assert hit[0] == "hashtags" and hit[1]["cached"] and hit[1]["tweet_id"] == "2"
+    assert hit[1]["hashtags"] == ["#cats"] and hit[1]["model_version"] == "1"
+    # The same bytes at another URL (the fake host serves one JPEG): fetched, not inferred.
+    (copy,) = run(stage, codec, codec.encode("Tweet", tweet("3", ("photo", "http://h/c.jpg"))))
+    assert copy[0] == "hashtags" and copy[1]["cached"] and copy[1]["media_key"] == "3_0"
+    assert fetcher.urls == ["http://h/a.jpg", "http://h/c.jpg"]
+    assert cache.hits == 2 and cache.misses == 1
 
 
 def test_garbage_is_a_dead_letter_with_its_bytes() -> None:
@@ -134,9 +201,7 @@ class GatedFetcher:
 def test_agent_acks_in_offset_order_while_a_slow_photo_holds_only_the_acks() -> None:
     async def main() -> None:
         codec, fetcher, producer = Codec(), GatedFetcher(), RecordingProducer()
-        stage = ShedAndFetch(
-            codec=codec, fetcher=fetcher, admission=AdmissionController(rate=1e6, burst=1e6)
-        )
+        stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=fixed())
         acks: list[tuple[int, int]] = []
         urls = [f"http://h/{n}.jpg" for n in range(6)]
         events = [
@@ -177,9 +242,7 @@ def test_agent_acks_in_offset_order_while_a_slow_photo_holds_only_the_acks() -> 
 def test_agent_stops_consuming_when_the_unacked_window_is_full() -> None:
     async def main() -> None:
         codec, fetcher, producer = Codec(), GatedFetcher(), RecordingProducer()
-        stage = ShedAndFetch(
-            codec=codec, fetcher=fetcher, admission=AdmissionController(rate=1e6, burst=1e6)
-        )
+        stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=fixed())
         acks: list[tuple[int, int]] = []
         consumed: list[int] = []
 
