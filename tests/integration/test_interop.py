@@ -23,6 +23,7 @@ import pytest
 from infra.record_producer import RecordProducer
 from infra.settings import Settings
 from schemas.codec import Codec
+from tests.helpers import doc_snippets
 from tests.registry import FakeSchemaRegistry
 from tests.samples import TOPICS, VALUES
 
@@ -154,3 +155,25 @@ def _raw_values(settings: Settings, topic: str) -> list[bytes]:
 
     lines = read_topics(settings.bootstrap(), [settings.topic(topic)], lambda data, _: data)
     return [base64.b64decode(line["value"]) for line in lines]
+
+
+def test_the_docs_registry_snippet_reads_hashtags(
+    make_settings, schema_registry: FakeSchemaRegistry
+) -> None:
+    settings = make_settings(schema_registry_url=schema_registry.url)
+    results = [VALUES["HashtagResult"], dict(VALUES["HashtagResult"], media_key="3_2")]
+    with RecordProducer(settings) as producer:
+        for result in results:
+            producer.send("hashtags", result, key=result["tweet_id"])
+    hashtag_results = doc_snippets(REPO / "docs" / "consumers.md")["hashtag_results"]
+    found = hashtag_results["hashtag_results"](
+        settings.bootstrap(),
+        schema_registry.url,
+        f"docs-{settings.topic_prefix}",
+        topic=settings.topic("hashtags"),
+        **{"session.timeout.ms": settings.session_timeout_ms},
+    )
+    assert sorted((next(found) for _ in results), key=lambda r: r["media_key"]) == sorted(
+        results, key=lambda r: r["media_key"]
+    )
+    found.close()
