@@ -274,6 +274,7 @@ class _RegistryMode:
                 f"cannot decode {expected}: {_schema_ref(data)}: {self._refusal(exc)}"
             ) from None
         except SchemaResolutionError as exc:
+            # The library says only that resolution failed; say which record it was.
             writer = self._writer_name(data)
             if writer is not None and writer != reader.name and writer not in reader.aliases:
                 raise CodecError(

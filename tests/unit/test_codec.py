@@ -247,6 +247,19 @@ def test_older_writer_needs_registering() -> None:
     }
 
 
+def test_release_schemas_are_known_writers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What schemas/history/ does once a release differs from today: an older Tweet there
+    # makes its single-object bytes readable with no registering at all.
+    import schemas.codec
+
+    value = {k: v for k, v in VALUES["Tweet"].items() if k not in ("source", "replay_run_id")}
+    old_bytes = _single_object(_tweet_v0(), value)
+    older = schemas.codec._build_schema(_tweet_v0(), origin="history/0.0.9/Tweet.avsc")
+    monkeypatch.setattr(schemas.codec, "_HISTORY", [older])
+    decoded = Codec().decode("Tweet", old_bytes)
+    assert decoded == {**value, "source": "unknown", "replay_run_id": None}
+
+
 def test_unresolvable_writer_schema() -> None:
     # A writer whose field changed type in a way Avro cannot resolve.
     schema = _shipped("CapacityReport")
