@@ -188,7 +188,8 @@ def tail(
     """Print the records of ``topic`` (a short or full name) from ``start`` to ``out``
     until ``limit`` are printed or ``stop`` is set; returns how many were printed.
 
-    ``on_ready`` is called once reading is set up (the tests produce after it)."""
+    ``on_ready`` is called once reading is set up: from the end, once every partition's
+    end is known, so a record produced after it is shown and none before it."""
     short = resolve_topic(settings, topic)
     full = settings.topic(short)
     record = TOPIC_RECORDS[short]
