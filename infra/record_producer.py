@@ -101,6 +101,7 @@ class RecordProducer:
     ) -> None:
 
         self.settings = settings
+        self._owns_codec = codec is None
         self.codec = codec or Codec.from_settings(settings)
         self.client = client or Producer(producer_config(settings, **config_overrides))
         self._lock = threading.Lock()
@@ -288,13 +289,15 @@ class RecordProducer:
         self.raise_if_failed()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Flush, then stop the poller thread."""
+        """Flush, then stop the poller thread (and close the codec, if it made it)."""
         try:
             self.flush(timeout_s)
         finally:
             self._stop_polling.set()
             if self._poller is not None:
                 self._poller.join(5)
+            if self._owns_codec:
+                self.codec.close()
 
     def __enter__(self) -> RecordProducer:
         return self

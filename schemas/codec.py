@@ -3,15 +3,23 @@
 The record schemas are the ``*.avsc`` files shipped beside this module, parsed once at
 import and keyed by record name (``Tweet``, ``ImageEvent``, ...). Two wire formats:
 
-* without a schema registry, Avro single-object encoding: ``C3 01``, the 8-byte
-  little-endian CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form, the body;
-* with a registry, the Confluent wire format: ``00``, the 4-byte big-endian schema id,
-  the body. Schemas are registered under ``<topic>-value`` (TopicNameStrategy).
+* without a schema registry (the default), Avro single-object encoding: ``C3 01``, the
+  8-byte little-endian CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form, the
+  body. Written and read here with fastavro: neither confluent-kafka nor fastavro frames
+  single objects, so this framing is ours;
+* with a registry, the Confluent wire format (``00``, the 4-byte big-endian schema id, the
+  body), written and read by confluent-kafka's own `AvroSerializer` and `AvroDeserializer`
+  on its `SchemaRegistryClient`, which registers and fetches schemas and caches both.
+  Schemas are registered under ``<topic>-value`` (the library's topic subject-name
+  strategy), or under the record's full name when no topic is given (its record
+  strategy).
 
 Decoding accepts both formats whatever the configuration, so a topic can move from one to
-the other without a flag day. The writer schema is found by fingerprint or id and read
-with the current schema of the expected record as reader schema, so older writers stay
-readable and newer readers get their defaults.
+the other without a flag day. The writer schema is found by fingerprint or by registry id
+and read with the current schema of the expected record as reader schema, so older
+writers stay readable and newer readers get their defaults. The schemas of every earlier
+release (``history/<version>/*.avsc``, see schemas/evolution.py) are known writer
+schemas: single-object data written by any release decodes.
 
 Every failure, bad input or unreachable registry alike, raises `CodecError`; callers turn
 it into a DeadLetter record.
@@ -19,25 +27,37 @@ it into a DeadLetter record.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
-import urllib.error
+import threading
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import fastavro
+from confluent_kafka.schema_registry import (
+    SchemaRegistryClient,
+    SchemaRegistryError,
+    dual_schema_id_deserializer,
+    record_subject_name_strategy,
+    topic_subject_name_strategy,
+)
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from schemas.errors import CodecError
+
+try:  # The HTTP client under SchemaRegistryClient, chosen as it chooses: httpx2, else httpx.
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older confluent-kafka releases
+    import httpx as _http  # type: ignore[no-redef]
 
 __all__ = ["RECORD_NAMES", "SINGLE_OBJECT_MARKER", "CONFLUENT_MAGIC", "Codec"]
 
@@ -48,8 +68,9 @@ CONFLUENT_MAGIC = b"\x00"
 
 _NAMESPACE = "tagstream"
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MARKER) + 8
+#: The byte that opens Confluent's newer framing, a 16-byte schema GUID after it.
+_CONFLUENT_GUID_MAGIC = b"\x01"
 _CONFLUENT_HEADER = struct.Struct(">bI")
-_REGISTRY_CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # Bytes of a bad message shown in errors: enough to recognise JSON, text or another
 # framing, short enough to keep dead letters small.
 _PREVIEW_BYTES = 8
@@ -93,21 +114,32 @@ def _build_schema(raw: Mapping[str, Any], *, origin: str) -> _Schema:
     return _Schema(name=name, raw=raw, parsed=parsed, fingerprint=fp, aliases=aliases)
 
 
+def _read_schema_file(path: Path) -> _Schema:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CodecError(f"{path.name}: cannot read schema: {exc}") from exc
+    return _build_schema(raw, origin=str(path.relative_to(_HERE)))
+
+
 def _load_shipped() -> dict[str, _Schema]:
     shipped: dict[str, _Schema] = {}
-    for path in sorted(Path(__file__).parent.glob("*.avsc")):
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CodecError(f"{path.name}: cannot read schema: {exc}") from exc
-        schema = _build_schema(raw, origin=path.name)
+    for path in sorted(_HERE.glob("*.avsc")):
+        schema = _read_schema_file(path)
         if schema.short_name in shipped:
             raise CodecError(f"{path.name}: record {schema.short_name} is defined twice")
         shipped[schema.short_name] = schema
     return shipped
 
 
+def _load_history() -> list[_Schema]:
+    """The schemas of every earlier release: writers whose data must stay readable."""
+    return [_read_schema_file(p) for p in sorted(_HERE.glob("history/*/*.avsc"))]
+
+
+_HERE = Path(__file__).parent
 _SHIPPED = _load_shipped()
+_HISTORY = _load_history()
 
 #: The records shipped with tagstream, by short name.
 RECORD_NAMES: tuple[str, ...] = tuple(_SHIPPED)
@@ -124,80 +156,169 @@ def _short_repr(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _Registry:
-    """A minimal Confluent schema registry client on urllib: register and fetch by id."""
+def _registry_urls(url: str) -> tuple[str, str | None]:
+    """``url`` (one URL or a comma-separated list) without credentials, and the credentials.
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        parts = urllib.parse.urlsplit(url)
+    The client would take ``user:password@`` from the URL itself, but then the URL it
+    requests (and any error text that shows it, in dead letters and logs) would carry
+    them: they go to the client as ``basic.auth.user.info`` instead."""
+    bases: list[str] = []
+    userinfo: str | None = None
+    for one in (u.strip() for u in url.split(",")):
+        parts = urllib.parse.urlsplit(one)
         host = parts.netloc.rpartition("@")[2]
-        # Credentials in the URL go into a header and never into messages: urllib would
-        # not use them anyway, and error text ends up in dead letters and logs.
-        self.base = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+        base = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
         if parts.scheme not in ("http", "https") or not host:
-            raise CodecError(f"schema registry URL must be http(s)://host[:port]: {self.base!r}")
-        self.timeout_s = timeout_s
-        self._headers = {"Accept": _REGISTRY_CONTENT_TYPE}
-        if parts.username is not None:
+            raise CodecError(f"schema registry URL must be http(s)://host[:port]: {base!r}")
+        if parts.username is not None and userinfo is None:
             user = urllib.parse.unquote(parts.username)
-            password = urllib.parse.unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            self._headers["Authorization"] = f"Basic {token}"
+            userinfo = f"{user}:{urllib.parse.unquote(parts.password or '')}"
+        bases.append(base)
+    return ",".join(bases), userinfo
 
-    def register(self, subject: str, schema: _Schema) -> int:
-        body = json.dumps({"schema": json.dumps(schema.raw, separators=(",", ":"))}).encode()
-        path = f"/subjects/{urllib.parse.quote(subject, safe='')}/versions"
-        answer = self._call("POST", path, body)
-        schema_id = answer.get("id")
-        if not isinstance(schema_id, int):
-            raise CodecError(f"schema registry {self.base}: POST {path} gave no schema id")
-        return schema_id
 
-    def fetch(self, schema_id: int) -> dict[str, Any]:
-        path = f"/schemas/ids/{schema_id}"
-        text = self._call("GET", path).get("schema")
-        if not isinstance(text, str):
-            raise CodecError(f"schema registry {self.base}: GET {path} gave no schema")
+class _RegistryMode:
+    """The Confluent wire format through confluent-kafka's registry client and serdes.
+
+    One `AvroSerializer` per record and topic (so each registers under its own subject,
+    once: the serializer remembers the subjects it registered) and one `AvroDeserializer`
+    per record, with the record's current schema as reader schema. The client caches
+    schemas by id both ways, so a process fetches each writer schema once.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, config: Mapping[str, Any]) -> None:
+        self.base, userinfo = _registry_urls(url)
+        conf: dict[str, Any] = {"url": self.base, "timeout": timeout_s, **config}
+        if userinfo is not None:
+            conf["basic.auth.user.info"] = userinfo
         try:
-            return json.loads(text)
-        except ValueError as exc:
+            self.client = SchemaRegistryClient(conf)
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"schema registry {self.base}: {exc}") from None
+        self._lock = threading.Lock()
+        self._serializers: dict[tuple[str, str | None], AvroSerializer] = {}
+        self._deserializers: dict[str, AvroDeserializer] = {}
+        # What the deserializer left unread: the library does not check that one message
+        # is one body, so its framing hook hands us the payload stream to check after.
+        self._payload = threading.local()
+
+    def _serializer(self, schema: _Schema, topic: str | None) -> AvroSerializer:
+        key = (schema.name, topic)
+        serializer = self._serializers.get(key)
+        if serializer is None:
+            with self._lock:
+                serializer = self._serializers.get(key)
+                if serializer is None:
+                    strategy = (
+                        topic_subject_name_strategy if topic else record_subject_name_strategy
+                    )
+                    serializer = AvroSerializer(
+                        self.client,
+                        json.dumps(schema.raw),
+                        conf={"auto.register.schemas": True, "subject.name.strategy": strategy},
+                    )
+                    self._serializers[key] = serializer
+        return serializer
+
+    def _deserializer(self, reader: _Schema) -> AvroDeserializer:
+        deserializer = self._deserializers.get(reader.name)
+        if deserializer is None:
+            with self._lock:
+                deserializer = self._deserializers.get(reader.name)
+                if deserializer is None:
+                    deserializer = AvroDeserializer(
+                        self.client,
+                        json.dumps(reader.raw),
+                        conf={"schema.id.deserializer": self._framing},
+                    )
+                    self._deserializers[reader.name] = deserializer
+        return deserializer
+
+    def _framing(self, data: bytes, ctx: Any, schema_id: Any) -> io.BytesIO:
+        payload = dual_schema_id_deserializer(data, ctx, schema_id)
+        self._payload.stream = payload
+        return payload
+
+    def _refusal(self, exc: Exception) -> str:
+        if isinstance(exc, SchemaRegistryError):
+            return (
+                f"schema registry {self.base} answered {exc.http_status_code}: "
+                f"{exc.error_message} (error code {exc.error_code})"
+            )
+        return f"schema registry {self.base} failed: {type(exc).__name__}: {exc}"
+
+    def encode(self, schema: _Schema, value: Mapping[str, Any], topic: str | None) -> bytes:
+        serializer = self._serializer(schema, topic)
+        ctx = SerializationContext(topic, MessageField.VALUE) if topic else None
+        try:
+            data = serializer(value, ctx)
+        except (SchemaRegistryError, _http.HTTPError) as exc:
+            subject = f"{topic}-value" if topic else schema.name
             raise CodecError(
-                f"schema registry {self.base}: schema id {schema_id} is not JSON"
-            ) from exc
+                f"cannot encode {schema.short_name} (subject {subject}): {self._refusal(exc)}"
+            ) from None
+        except Exception as exc:  # TypeError, ValueError, ... from fastavro's writer
+            raise CodecError(_misfit(schema, value, exc)) from exc
+        assert data is not None  # None only for a None value, which encode() refuses
+        return data
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
-        headers = dict(self._headers)
-        if body is not None:
-            headers["Content-Type"] = _REGISTRY_CONTENT_TYPE
-        request = urllib.request.Request(
-            self.base + path, data=body, method=method, headers=headers
-        )
-        where = f"schema registry {self.base}: {method} {path}"
+    def decode(self, reader: _Schema, data: bytes) -> dict[str, Any]:
+        expected = reader.short_name
+        self._payload.stream = None
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise CodecError(f"{where} answered {exc.code}: {_registry_message(exc)}") from None
-        except (OSError, ValueError) as exc:  # URLError, refused, timeout, bad URL
-            reason = getattr(exc, "reason", exc)
-            raise CodecError(f"{where} failed: {reason}") from None
+            value = self._deserializer(reader)(data, None)
+        except SerializationError as exc:
+            raise CodecError(f"cannot decode {expected}: {exc}") from None
+        except (SchemaRegistryError, _http.HTTPError) as exc:
+            raise CodecError(
+                f"cannot decode {expected}: {_schema_ref(data)}: {self._refusal(exc)}"
+            ) from None
+        except SchemaResolutionError as exc:
+            # The library says only that resolution failed; say which record it was.
+            writer = self._writer_name(data)
+            if writer is not None and writer != reader.name and writer not in reader.aliases:
+                raise CodecError(
+                    f"cannot decode {expected}: the bytes hold a {writer.rpartition('.')[2]} record"
+                ) from None
+            raise CodecError(
+                f"cannot decode {expected}: writer schema cannot be read as the current one: {exc}"
+            ) from None
+        except EOFError:
+            raise CodecError(f"cannot decode {expected}: body truncated") from None
+        except Exception as exc:  # IndexError, UnicodeDecodeError, ValueError, MemoryError...
+            raise CodecError(
+                f"cannot decode {expected}: corrupt body: {type(exc).__name__}: {exc}"
+            ) from None
+        stream: io.BytesIO | None = self._payload.stream
+        if stream is not None:
+            left = len(stream.getbuffer()) - stream.tell()
+            if left:
+                raise CodecError(f"cannot decode {expected}: {left} bytes left after the body")
+        if not isinstance(value, dict):
+            raise CodecError(f"cannot decode {expected}: the bytes hold no record")
+        return value
+
+    def _writer_name(self, data: bytes) -> str | None:
+        """The full name of the record ``data`` was written with (from the client's cache,
+        which the failed read just filled); None when that cannot be told."""
         try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise CodecError(f"{where} answered with something other than a JSON object")
-        return answer
+            if data[:1] == CONFLUENT_MAGIC:
+                schema = self.client.get_schema(_CONFLUENT_HEADER.unpack_from(data)[1])
+            else:
+                return None
+            raw = json.loads(schema.schema_str or "null")
+            parsed = fastavro.parse_schema(raw)
+        except Exception:
+            return None
+        return parsed.get("name") if isinstance(parsed, dict) else None
 
 
-def _registry_message(error: urllib.error.HTTPError) -> str:
-    # The registry explains refusals (incompatible schema, unknown id) in a JSON body.
-    try:
-        answer = json.loads(error.read() or b"null")
-    except (OSError, ValueError):
-        answer = None
-    if isinstance(answer, dict) and answer.get("message"):
-        return f"{answer['message']} (error code {answer.get('error_code', '?')})"
-    return error.reason if isinstance(error.reason, str) else "no detail"
+def _schema_ref(data: bytes) -> str:
+    if data[:1] == CONFLUENT_MAGIC and len(data) >= _CONFLUENT_HEADER.size:
+        return f"schema id {_CONFLUENT_HEADER.unpack_from(data)[1]}"
+    if data[:1] == _CONFLUENT_GUID_MAGIC and len(data) >= 17:
+        return f"schema guid {bytes(data[1:17]).hex()}"
+    return "schema"
 
 
 class RegistrySettings(Protocol):
@@ -210,8 +331,10 @@ class Codec:
     """Encodes and decodes tagstream records as Avro, with or without a schema registry.
 
     One instance per process is enough: schemas are parsed once and registry answers
-    are cached. The first encode of a record per topic (and the first decode of an
-    unknown schema id) calls the registry synchronously, within ``timeout_s``.
+    are cached (by confluent-kafka's client). The first encode of a record per topic
+    (and the first decode of an unknown schema id) calls the registry synchronously,
+    within ``timeout_s`` per request; ``registry_config`` adds settings of
+    `SchemaRegistryClient` (``ssl.*``, ``max.retries``, ...).
     """
 
     def __init__(
@@ -220,6 +343,7 @@ class Codec:
         registry_url: str | None = None,
         timeout_s: float = 5.0,
         reader_schemas: Iterable[Mapping[str, Any]] = (),
+        registry_config: Mapping[str, Any] | None = None,
     ) -> None:
         """``reader_schemas`` replace the shipped schema of the records they name: the
         codec then writes and reads with them (a newer deployment, evolution tests)."""
@@ -229,11 +353,13 @@ class Codec:
             self._add_current(schema)
         for raw in reader_schemas:
             self._add_current(_build_schema(raw, origin="reader schema"))
-        self._registry = _Registry(registry_url, timeout_s=timeout_s) if registry_url else None
-        # Plain dicts shared by threads: a race costs at most one duplicate registry call,
-        # and registering the same schema twice gives the same id.
-        self._ids: dict[tuple[str, str], int] = {}
-        self._by_id: dict[int, _Schema] = {}
+        for schema in _HISTORY:
+            self._by_fingerprint.setdefault(schema.fingerprint, schema)
+        self._registry = (
+            _RegistryMode(registry_url, timeout_s=timeout_s, config=registry_config or {})
+            if registry_url
+            else None
+        )
 
     @classmethod
     def from_settings(cls, settings: RegistrySettings) -> Codec:
@@ -243,6 +369,11 @@ class Codec:
     def __repr__(self) -> str:
         where = self._registry.base if self._registry else "single-object"
         return f"Codec({where}, records={len(RECORD_NAMES)})"
+
+    def close(self) -> None:
+        """Close the registry client's connections (the codec cannot reach it after)."""
+        if self._registry is not None:
+            self._registry.client.close()
 
     # Schemas ------------------------------------------------------------------------
 
@@ -275,29 +406,16 @@ class Codec:
             raise CodecError(
                 f"cannot encode {schema.short_name}: expected a mapping, got {type(value).__name__}"
             )
+        if self._registry is not None:
+            return self._registry.encode(schema, value, topic)
         buffer = io.BytesIO()
-        if self._registry is None:
-            buffer.write(SINGLE_OBJECT_MARKER)
-            buffer.write(schema.fingerprint)
-        else:
-            buffer.write(_CONFLUENT_HEADER.pack(0, self._schema_id(schema, topic)))
+        buffer.write(SINGLE_OBJECT_MARKER)
+        buffer.write(schema.fingerprint)
         try:
             fastavro.schemaless_writer(buffer, schema.parsed, value)
         except Exception as exc:  # TypeError, ValueError, AttributeError... from the C writer
             raise CodecError(_misfit(schema, value, exc)) from exc
         return buffer.getvalue()
-
-    def _schema_id(self, schema: _Schema, topic: str | None) -> int:
-        assert self._registry is not None
-        subject = f"{topic}-value" if topic else schema.name
-        key = (subject, schema.name)
-        schema_id = self._ids.get(key)
-        if schema_id is None:
-            schema_id = self._registry.register(subject, schema)
-            self._ids[key] = schema_id
-            # Our own schema: decoding our own messages needs no fetch.
-            self._by_id.setdefault(schema_id, schema)
-        return schema_id
 
     # Decoding -----------------------------------------------------------------------
 
@@ -309,56 +427,38 @@ class Codec:
             raise CodecError(f"cannot decode {expected}: expected bytes, got {type(data).__name__}")
         if not data:
             raise CodecError(f"cannot decode {expected}: empty input")
-        if data[:2] == SINGLE_OBJECT_MARKER:
-            if len(data) < _SINGLE_OBJECT_HEADER:
+        if data[:1] in (CONFLUENT_MAGIC, _CONFLUENT_GUID_MAGIC):
+            if self._registry is None:
+                if data[:1] == CONFLUENT_MAGIC and len(data) < _CONFLUENT_HEADER.size:
+                    raise CodecError(
+                        f"cannot decode {expected}: Confluent header truncated: {_preview(data)}"
+                    )
                 raise CodecError(
-                    f"cannot decode {expected}: single-object header truncated: {_preview(data)}"
+                    f"cannot decode {expected}: Confluent wire format ({_schema_ref(data)}) "
+                    "but no schema registry is configured"
                 )
-            fp = bytes(data[2:_SINGLE_OBJECT_HEADER])
-            writer = self._by_fingerprint.get(fp)
-            if writer is None:
-                raise CodecError(
-                    f"cannot decode {expected}: unknown schema fingerprint {fp.hex()}: "
-                    "not a shipped or registered writer schema"
-                )
-            offset = _SINGLE_OBJECT_HEADER
-        elif data[:1] == CONFLUENT_MAGIC:
-            if len(data) < _CONFLUENT_HEADER.size:
-                raise CodecError(
-                    f"cannot decode {expected}: Confluent header truncated: {_preview(data)}"
-                )
-            schema_id = _CONFLUENT_HEADER.unpack_from(data)[1]
-            writer = self._writer_by_id(schema_id, expected)
-            offset = _CONFLUENT_HEADER.size
-        else:
+            return self._registry.decode(reader, bytes(data))
+        if data[:2] != SINGLE_OBJECT_MARKER:
             raise CodecError(
                 f"cannot decode {expected}: unknown framing, starts {_preview(data)}; expected "
                 "c3 01 (Avro single-object) or 00 (Confluent schema registry)"
+            )
+        if len(data) < _SINGLE_OBJECT_HEADER:
+            raise CodecError(
+                f"cannot decode {expected}: single-object header truncated: {_preview(data)}"
+            )
+        fp = bytes(data[2:_SINGLE_OBJECT_HEADER])
+        writer = self._by_fingerprint.get(fp)
+        if writer is None:
+            raise CodecError(
+                f"cannot decode {expected}: unknown schema fingerprint {fp.hex()}: "
+                "not a shipped, released or registered writer schema"
             )
         if writer.name != reader.name and writer.name not in reader.aliases:
             raise CodecError(
                 f"cannot decode {expected}: the bytes hold a {writer.short_name} record"
             )
-        return _read_body(data, offset, writer, reader)
-
-    def _writer_by_id(self, schema_id: int, expected: str) -> _Schema:
-        writer = self._by_id.get(schema_id)
-        if writer is not None:
-            return writer
-        if self._registry is None:
-            raise CodecError(
-                f"cannot decode {expected}: Confluent wire format (schema id {schema_id}) "
-                "but no schema registry is configured"
-            )
-        try:
-            raw = self._registry.fetch(schema_id)
-            fetched = _build_schema(raw, origin=f"schema id {schema_id}")
-        except CodecError as exc:
-            raise CodecError(f"cannot decode {expected}: {exc}") from exc
-        # The same schema as one we know: reuse it, so reading needs no resolution step.
-        writer = self._by_fingerprint.get(fetched.fingerprint, fetched)
-        self._by_id[schema_id] = writer
-        return writer
+        return _read_body(data, _SINGLE_OBJECT_HEADER, writer, reader)
 
 
 def _read_body(

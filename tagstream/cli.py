@@ -257,6 +257,49 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tail(args: argparse.Namespace) -> int:
+    import os
+
+    from infra.tail import parse_time, tail
+
+    if args.since is not None:
+        start: Any = parse_time(args.since)
+    elif args.start is not None:
+        start = args.start
+    else:
+        start = "beginning" if args.from_beginning else "end"
+    stop = _stop_on_signals()
+    try:
+        tail(
+            get_settings(),
+            args.topic,
+            start=start,
+            limit=args.limit,
+            as_json=args.json,
+            out=sys.stdout,
+            stop=stop,
+        )
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's own
+        # flush at exit from failing on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def offset(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an offset is 0 or more, not {value}")
+    return value
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from models.demo import ensure_demo_model
     from models.manifest import Manifest
@@ -439,6 +482,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands.add_parser("sink", help="run the sampled sink and its gallery").set_defaults(
         func=cmd_sink
     )
+    tail = commands.add_parser(
+        "tail",
+        help="print a topic's records decoded, one line each (bytes shown as sizes)",
+        description="Print the records of one of our topics, decoded, one line per record: "
+        "from the end (new records only) unless told otherwise, following until --limit "
+        "or Ctrl-C. Reads without a consumer group and commits nothing.",
+    )
+    tail.add_argument(
+        "topic",
+        metavar="TOPIC",
+        help="tweets, images, hashtags, tweets.shed, deadletter or capacity (the prefix of "
+        "TAGSTREAM_TOPIC_PREFIX is added)",
+    )
+    where = tail.add_mutually_exclusive_group()
+    where.add_argument(
+        "--from-beginning", action="store_true", help="start at each partition's beginning"
+    )
+    where.add_argument(
+        "--from",
+        dest="start",
+        type=offset,
+        default=None,
+        metavar="OFFSET",
+        help="start at this offset in every partition",
+    )
+    where.add_argument(
+        "--since",
+        default=None,
+        metavar="ISO",
+        help="records whose timestamp is at or after this ISO 8601 time (UTC if no zone)",
+    )
+    tail.add_argument(
+        "--limit",
+        type=count,
+        default=None,
+        metavar="N",
+        help="stop after N records (default: follow)",
+    )
+    tail.add_argument(
+        "--json", action="store_true", help="one JSON object per line, with where and when"
+    )
+    tail.set_defaults(func=cmd_tail)
+
     commands.add_parser("demo-model", help="train (once) and show the demo model").set_defaults(
         func=cmd_demo_model
     )

@@ -11,6 +11,7 @@ import pytest
 from infra.broker import EmbeddedBroker, free_port
 from infra.settings import Settings
 from tests.helpers import BackgroundLoop
+from tests.registry import FakeSchemaRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 #: The demo model is cached here, shared with `make demo` (trained once per clone).
@@ -53,6 +54,16 @@ def make_settings(broker: str, tmp_path: Path) -> Callable[..., Settings]:
         return settings
 
     return make
+
+
+@pytest.fixture
+def schema_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSchemaRegistry]:
+    """A local Confluent schema registry (tests/registry.py); ``.url`` is its address."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)  # the fake is local: never through a proxy
+    fake = FakeSchemaRegistry().start()
+    yield fake
+    fake.close()
 
 
 @pytest.fixture

@@ -151,3 +151,18 @@ class RecordingProducer:
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.flush(timeout_s)
+
+
+def doc_snippets(path) -> dict[str, dict]:
+    """Each ```python block of a Markdown file, run, by the first name it defines."""
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    found = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        namespace: dict = {}
+        exec(compile(block, str(path), "exec"), namespace)  # noqa: S102 - our own docs
+        name = re.search(r"^(?:def|class) (\w+)", block, flags=re.M)
+        assert name, f"{path}: a python block defines nothing to test:\n{block}"
+        found[name.group(1)] = namespace
+    return found

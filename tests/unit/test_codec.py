@@ -8,134 +8,22 @@ import json
 import random
 import socket
 import struct
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import fastavro
 import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
 
 from infra.exceptions import CodecError
 from schemas import RECORD_NAMES, Codec
+from schemas.evolution import HISTORY_DIR, releases
+from tests.registry import FakeSchemaRegistry
+from tests.samples import TOPICS, VALUES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
-
-# One realistic value per record, every field given, so a round trip must return it as is.
-# Floats of HashtagResult.scores are Avro "float": values exact in 32 bits.
-VALUES: dict[str, dict[str, Any]] = {
-    "Tweet": {
-        "id": "1790000000000000001",
-        "text": "Sunset over the harbour 🌅 #photography",
-        "author_id": "2244994945",
-        "created_at": "2024-05-13T18:04:11.000Z",
-        "media": [
-            {
-                "media_key": "3_1790000000000000001",
-                "type": "photo",
-                "url": "https://pbs.twimg.com/media/GNa1.jpg",
-                "preview_image_url": None,
-                "width": 1200,
-                "height": 800,
-                "alt_text": "orange sky over boats",
-            },
-            {
-                "media_key": "7_1790000000000000002",
-                "type": "video",
-                "url": None,
-                "preview_image_url": "https://pbs.twimg.com/ext_tw_video_thumb/2.jpg",
-                "width": None,
-                "height": None,
-                "alt_text": None,
-            },
-        ],
-        "matching_rules": [
-            {"id": "1650000000000000000", "tag": "photos"},
-            {"id": "9", "tag": None},
-        ],
-        "source": "twitter",
-        "ingested_at_ms": 1715623451123.5,
-        "replay_run_id": None,
-    },
-    "ImageEvent": {
-        "tweet_id": "1790000000000000001",
-        "media_key": "3_1790000000000000001",
-        "url": "https://pbs.twimg.com/media/GNa1.jpg",
-        "position": 0,
-        "tweet_text": "Sunset over the harbour",
-        "matching_rules": ["photos"],
-        "content_type": "image/jpeg",
-        "image": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) + b"\xff\xd9",
-        "source": "replay",
-        "replay_run_id": "run-2024-05-13",
-        "timestamps": {"ingested": 1715623451123.5, "admitted": 1715623451124.0},
-    },
-    "HashtagResult": {
-        "tweet_id": "1790000000000000001",
-        "media_key": "3_1790000000000000001",
-        "url": "https://pbs.twimg.com/media/GNa1.jpg",
-        "tweet_text": "Sunset over the harbour",
-        "hashtags": ["#sunset", "#harbour", "#boats"],
-        "top_class": "seashore",
-        "scores": {"seashore": 0.75, "boathouse": 0.125, "lakeside": 0.0625},
-        "model_id": "mobilenet_v3_small",
-        "model_version": "2024.05.1",
-        "consumer_id": "gpu-host-4242",
-        "source": "twitter",
-        "replay_run_id": None,
-        "thumbnail": b"\xff\xd8\xff\xdbthumb\xff\xd9",
-        "timestamps": {"ingested": 1715623451123.5, "inferred": 1715623451301.25},
-        "cached": False,
-    },
-    "ShedRecord": {
-        "tweet_id": "1790000000000000003",
-        "reason": "over_rate",
-        "detail": "bucket empty",
-        "media_keys": ["3_1790000000000000003", "3_1790000000000000004"],
-        "admission_rate": 50.0,
-        "observed_rate": 212.5,
-        "tokens": 0.25,
-        "source": "synthetic",
-        "replay_run_id": None,
-        "shed_at_ms": 1715623451400.0,
-        "priority": "low",
-        "controller_mode": "closed_loop",
-        "capacity_images_per_s": 120.5,
-        "backlog_images": 40.0,
-        "estimated_delay_ms": 332.0,
-        "admitted_images_per_s": 101.25,
-    },
-    "DeadLetter": {
-        "source_topic": "tweets",
-        "source_partition": 3,
-        "source_offset": 123456789012,
-        "stage": "decode_tweet",
-        "error_class": "CodecError",
-        "message": "cannot decode Tweet: empty input",
-        "tweet_id": None,
-        "media_key": None,
-        "url": None,
-        "payload": b"\x00\x01garbage",
-        "failed_at_ms": 1715623451500.0,
-    },
-    "CapacityReport": {
-        "consumer_id": "gpu-host-4242",
-        "images_per_s": 812.5,
-        "batch_size": 27.75,
-        "queue_depth": 1500,
-        "reported_at_ms": 1715623452000.0,
-    },
-}
-
-TOPICS = {
-    "Tweet": "tweets",
-    "ImageEvent": "images",
-    "HashtagResult": "hashtags",
-    "ShedRecord": "tweets.shed",
-    "DeadLetter": "deadletter",
-    "CapacityReport": "capacity",
-}
 
 
 def _shipped(record: str) -> dict[str, Any]:
@@ -180,84 +68,6 @@ def _single_object(schema: dict[str, Any], value: dict[str, Any]) -> bytes:
     return b"\xc3\x01" + struct.pack("<Q", _crc64_avro(canonical.encode())) + body.getvalue()
 
 
-# A tiny schema registry -----------------------------------------------------------------
-
-
-class FakeRegistry:
-    """The two endpoints of a Confluent schema registry the codec uses, in memory."""
-
-    def __init__(self) -> None:
-        self.ids: dict[str, int] = {}  # schema text -> id, shared by subjects as upstream
-        self.schemas: dict[int, str] = {}
-        self.subjects: dict[str, list[int]] = {}
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.refuse_subjects: set[str] = set()
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass  # keep pytest output clean
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def do_POST(self) -> None:  # noqa: N802
-                registry.requests.append(("POST", self.path, dict(self.headers)))
-                parts = self.path.split("/")
-                if len(parts) != 4 or parts[1] != "subjects" or parts[3] != "versions":
-                    return self._answer(404, {"error_code": 404, "message": "HTTP 404 Not Found"})
-                subject = parts[2]
-                if subject in registry.refuse_subjects:
-                    return self._answer(
-                        409,
-                        {"error_code": 409, "message": "Schema being registered is incompatible"},
-                    )
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["schema"]
-                fastavro.parse_schema(json.loads(text))  # a real registry rejects bad schemas
-                with registry.lock:
-                    schema_id = registry.ids.setdefault(text, len(registry.ids) + 1)
-                    registry.schemas[schema_id] = text
-                    versions = registry.subjects.setdefault(subject, [])
-                    if schema_id not in versions:
-                        versions.append(schema_id)
-                return self._answer(200, {"id": schema_id})
-
-            def do_GET(self) -> None:  # noqa: N802
-                registry.requests.append(("GET", self.path, dict(self.headers)))
-                parts = self.path.split("/")
-                if len(parts) == 4 and parts[1:3] == ["schemas", "ids"] and parts[3].isdigit():
-                    text = registry.schemas.get(int(parts[3]))
-                    if text is not None:
-                        return self._answer(200, {"schema": text})
-                return self._answer(404, {"error_code": 40403, "message": "Schema not found"})
-
-        return Handler
-
-
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRegistry]:
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)  # the fake is local: never through a proxy
-    fake = FakeRegistry()
-    thread = threading.Thread(target=fake.server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
-    thread.join(timeout=5)
-
-
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -290,47 +100,84 @@ def test_single_object_matches_the_spec(record: str) -> None:
 
 
 @pytest.mark.parametrize("record", sorted(VALUES))
-def test_registry_round_trip(record: str, registry: FakeRegistry) -> None:
-    writer = Codec(registry_url=registry.url)
+def test_registry_round_trip(record: str, schema_registry: FakeSchemaRegistry) -> None:
+    writer = Codec(registry_url=schema_registry.url)
     data = writer.encode(record, VALUES[record], topic=TOPICS[record])
     assert data[:1] == b"\x00"
     schema_id = struct.unpack(">I", data[1:5])[0]
-    assert registry.subjects[f"{TOPICS[record]}-value"] == [schema_id]
-    assert json.loads(registry.schemas[schema_id]) == _shipped(record)
+    assert schema_registry.subjects[f"{TOPICS[record]}-value"] == [schema_id]
+    assert json.loads(schema_registry.schemas[schema_id]) == _shipped(record)
     assert writer.decode(record, data) == VALUES[record]
     # A fresh process knows no id: it fetches the writer schema once.
-    reader = Codec(registry_url=registry.url)
+    before = len(schema_registry.requests_of("GET"))
+    reader = Codec(registry_url=schema_registry.url)
     assert reader.decode(record, data) == VALUES[record]
     assert reader.decode(record, data) == VALUES[record]
-    gets = [path for method, path, _ in registry.requests if method == "GET"]
-    assert gets == [f"/schemas/ids/{schema_id}"]
+    assert schema_registry.requests_of("GET")[before:] == [f"/schemas/ids/{schema_id}"]
 
 
-def test_registry_caches_ids_and_uses_record_name_without_topic(registry: FakeRegistry) -> None:
-    codec = Codec(registry_url=registry.url)
+def test_registry_caches_ids_and_uses_record_name_without_topic(
+    schema_registry: FakeSchemaRegistry,
+) -> None:
+    codec = Codec(registry_url=schema_registry.url)
     first = codec.encode("Tweet", VALUES["Tweet"])
     second = codec.encode("Tweet", VALUES["Tweet"])
     assert first[:5] == second[:5]
-    assert list(registry.subjects) == ["tagstream.Tweet"]
-    posts = [r for r in registry.requests if r[0] == "POST"]
-    assert len(posts) == 1
-    headers = {k.lower(): v for k, v in posts[0][2].items()}
+    assert list(schema_registry.subjects) == ["tagstream.Tweet"]
+    posts = [r for r in schema_registry.requests if r[0] == "POST"]
+    assert [path for _, path, _, _ in posts] == ["/subjects/tagstream.Tweet/versions"]
+    headers = {k.lower(): v for k, v in posts[0][3].items()}
     assert headers["content-type"] == "application/vnd.schemaregistry.v1+json"
     assert "authorization" not in headers
 
 
-def test_registry_credentials_go_in_a_header(registry: FakeRegistry) -> None:
-    url = registry.url.replace("http://", "http://svc%40team:s3cret@")
+def test_one_schema_id_for_every_subject_of_a_record(schema_registry: FakeSchemaRegistry) -> None:
+    codec = Codec(registry_url=schema_registry.url)
+    a = codec.encode("DeadLetter", VALUES["DeadLetter"], topic="deadletter")
+    b = codec.encode("DeadLetter", VALUES["DeadLetter"], topic="t1-deadletter")
+    assert a == b
+    assert sorted(schema_registry.subjects) == ["deadletter-value", "t1-deadletter-value"]
+
+
+def test_registry_credentials_go_in_a_header(schema_registry: FakeSchemaRegistry) -> None:
+    url = schema_registry.url.replace("http://", "http://svc%40team:s3cret@")
     codec = Codec(registry_url=url)
     codec.encode("CapacityReport", VALUES["CapacityReport"], topic="capacity")
-    headers = {k.lower(): v for k, v in registry.requests[-1][2].items()}
+    headers = {k.lower(): v for k, v in schema_registry.requests[-1][3].items()}
     assert headers["authorization"] == "Basic " + base64.b64encode(b"svc@team:s3cret").decode()
     assert "s3cret" not in repr(codec)
 
 
-def test_registry_codec_reads_single_object_bytes(registry: FakeRegistry) -> None:
+def test_registry_codec_reads_single_object_bytes(schema_registry: FakeSchemaRegistry) -> None:
     data = Codec().encode("ShedRecord", VALUES["ShedRecord"])
-    assert Codec(registry_url=registry.url).decode("ShedRecord", data) == VALUES["ShedRecord"]
+    codec = Codec(registry_url=schema_registry.url)
+    assert codec.decode("ShedRecord", data) == VALUES["ShedRecord"]
+
+
+# The stock serdes and ours read each other -------------------------------------------------
+
+
+@pytest.mark.parametrize("record", sorted(VALUES))
+def test_the_stock_deserializer_reads_our_bytes(
+    record: str, schema_registry: FakeSchemaRegistry
+) -> None:
+    data = Codec(registry_url=schema_registry.url).encode(
+        record, VALUES[record], topic=TOPICS[record]
+    )
+    # As a consumer in another service would: defaults only, the writer schema as reader.
+    stock = AvroDeserializer(SchemaRegistryClient({"url": schema_registry.url}))
+    ctx = SerializationContext(TOPICS[record], MessageField.VALUE)
+    assert stock(data, ctx) == VALUES[record]
+
+
+@pytest.mark.parametrize("record", sorted(VALUES))
+def test_we_read_the_stock_serializers_bytes(
+    record: str, schema_registry: FakeSchemaRegistry
+) -> None:
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    stock = AvroSerializer(client, (SCHEMA_DIR / f"{record}.avsc").read_text())
+    data = stock(VALUES[record], SerializationContext(TOPICS[record], MessageField.VALUE))
+    assert Codec(registry_url=schema_registry.url).decode(record, data) == VALUES[record]
 
 
 def test_from_settings() -> None:
@@ -353,10 +200,37 @@ def test_newer_reader_fills_added_field_with_default() -> None:
     assert newer.decode("Tweet", new_bytes)["lang"] == "en"
 
 
-def test_newer_reader_through_the_registry(registry: FakeRegistry) -> None:
-    old_bytes = Codec(registry_url=registry.url).encode("Tweet", VALUES["Tweet"], topic="tweets")
-    newer = Codec(registry_url=registry.url, reader_schemas=[_tweet_v2()])
+def test_newer_reader_through_the_registry(schema_registry: FakeSchemaRegistry) -> None:
+    codec = Codec(registry_url=schema_registry.url)
+    old_bytes = codec.encode("Tweet", VALUES["Tweet"], topic="tweets")
+    newer = Codec(registry_url=schema_registry.url, reader_schemas=[_tweet_v2()])
     assert newer.decode("Tweet", old_bytes) == {**VALUES["Tweet"], "lang": "und"}
+    # The newer writer's schema joins the subject: it passes the registry's FULL check.
+    schema_registry.subject_levels["tweets-value"] = "FULL"
+    new_bytes = newer.encode("Tweet", {**VALUES["Tweet"], "lang": "en"}, topic="tweets")
+    assert len(schema_registry.subjects["tweets-value"]) == 2
+    # ...and an older reader reads it, without the field it does not know.
+    assert codec.decode("Tweet", new_bytes) == VALUES["Tweet"]
+
+
+@pytest.mark.parametrize("release", releases())
+@pytest.mark.parametrize("record", sorted(VALUES))
+def test_data_written_by_every_release_stays_readable(
+    record: str, release: str, schema_registry: FakeSchemaRegistry
+) -> None:
+    old_schema = (HISTORY_DIR / release / f"{record}.avsc").read_text()
+    old_fields = {f["name"] for f in json.loads(old_schema)["fields"]}
+    value = {k: v for k, v in VALUES[record].items() if k in old_fields}
+    # Single-object, as that release wrote it: its fingerprint is known to the codec.
+    old_bytes = _single_object(json.loads(old_schema), value)
+    decoded = Codec().decode(record, old_bytes)
+    assert {k: decoded[k] for k in value} == value
+    # Through the registry, written by the stock serializer with that release's schema.
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    ctx = SerializationContext(TOPICS[record], MessageField.VALUE)
+    registry_bytes = AvroSerializer(client, old_schema)(value, ctx)
+    decoded = Codec(registry_url=schema_registry.url).decode(record, registry_bytes)
+    assert {k: decoded[k] for k in value} == value
 
 
 def test_older_writer_needs_registering() -> None:
@@ -371,6 +245,19 @@ def test_older_writer_needs_registering() -> None:
         "source": "unknown",
         "replay_run_id": None,
     }
+
+
+def test_release_schemas_are_known_writers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What schemas/history/ does once a release differs from today: an older Tweet there
+    # makes its single-object bytes readable with no registering at all.
+    import schemas.codec
+
+    value = {k: v for k, v in VALUES["Tweet"].items() if k not in ("source", "replay_run_id")}
+    old_bytes = _single_object(_tweet_v0(), value)
+    older = schemas.codec._build_schema(_tweet_v0(), origin="history/0.0.9/Tweet.avsc")
+    monkeypatch.setattr(schemas.codec, "_HISTORY", [older])
+    decoded = Codec().decode("Tweet", old_bytes)
+    assert decoded == {**value, "source": "unknown", "replay_run_id": None}
 
 
 def test_unresolvable_writer_schema() -> None:
@@ -454,11 +341,45 @@ def test_bytes_of_another_record_are_refused() -> None:
         Codec().decode("Tweet", data)
 
 
-def test_unknown_schema_id_from_registry(registry: FakeRegistry) -> None:
-    with pytest.raises(CodecError, match="schema id 99|ids/99") as info:
-        Codec(registry_url=registry.url).decode("Tweet", b"\x00\x00\x00\x00\x63\x02a")
-    assert "answered 404: Schema not found (error code 40403)" in str(info.value)
+def test_unknown_schema_id_from_registry(schema_registry: FakeSchemaRegistry) -> None:
+    with pytest.raises(CodecError) as info:
+        codec = Codec(registry_url=schema_registry.url)
+        codec.decode("Tweet", b"\x00\x00\x00\x00\x63\x02a")
+    assert str(info.value) == (
+        f"cannot decode Tweet: schema id 99: schema registry {schema_registry.url} answered "
+        "404: Schema 99 not found (error code 40403)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x00\x00\x01", "Expecting data framing of length 6 bytes or more"),
+        (b"\x01" + bytes(10), "cannot decode Tweet: "),
+    ],
+)
+def test_garbage_through_the_registry(
+    data: bytes, message: str, schema_registry: FakeSchemaRegistry
+) -> None:
+    with pytest.raises(CodecError, match=message) as info:
+        Codec(registry_url=schema_registry.url).decode("Tweet", data)
     assert str(info.value).startswith("cannot decode Tweet: ")
+
+
+def test_registry_bytes_of_another_record_are_refused(schema_registry: FakeSchemaRegistry) -> None:
+    codec = Codec(registry_url=schema_registry.url)
+    data = codec.encode("ShedRecord", VALUES["ShedRecord"], topic="tweets.shed")
+    with pytest.raises(CodecError, match="cannot decode Tweet: the bytes hold a ShedRecord"):
+        codec.decode("Tweet", data)
+
+
+def test_registry_bytes_with_leftovers_are_refused(schema_registry: FakeSchemaRegistry) -> None:
+    codec = Codec(registry_url=schema_registry.url)
+    data = codec.encode("Tweet", VALUES["Tweet"], topic="tweets")
+    with pytest.raises(CodecError, match="cannot decode Tweet: 2 bytes left after the body"):
+        codec.decode("Tweet", data + b"\x00\x00")
+    with pytest.raises(CodecError, match="cannot decode Tweet: body truncated"):
+        codec.decode("Tweet", data[:-3])
 
 
 def test_unknown_record_name() -> None:
@@ -507,16 +428,30 @@ def test_not_a_mapping() -> None:
 
 
 def test_unreachable_registry_hides_credentials() -> None:
-    codec = Codec(registry_url=f"http://me:hunter2@127.0.0.1:{_closed_port()}/", timeout_s=2)
+    codec = Codec(
+        registry_url=f"http://me:hunter2@127.0.0.1:{_closed_port()}/",
+        timeout_s=2,
+        registry_config={"max.retries": 0},
+    )
     with pytest.raises(CodecError, match="schema registry http://127.0.0.1:") as info:
         codec.encode("Tweet", VALUES["Tweet"], topic="tweets")
     assert "hunter2" not in str(info.value) and "me:" not in str(info.value)
 
 
-def test_registry_refusal_is_explained(registry: FakeRegistry) -> None:
-    registry.refuse_subjects.add("tweets-value")
-    with pytest.raises(CodecError, match="answered 409: Schema being registered is incompatible"):
-        Codec(registry_url=registry.url).encode("Tweet", VALUES["Tweet"], topic="tweets")
+def test_registry_refusal_is_explained(schema_registry: FakeSchemaRegistry) -> None:
+    # An earlier Tweet on the subject whose `text` was an int: ours cannot follow it.
+    earlier = _shipped("Tweet")
+    next(f for f in earlier["fields"] if f["name"] == "text")["type"] = "int"
+    client = SchemaRegistryClient({"url": schema_registry.url})
+    AvroSerializer(client, json.dumps(earlier))(
+        {**VALUES["Tweet"], "text": 1}, SerializationContext("tweets", MessageField.VALUE)
+    )
+    with pytest.raises(CodecError) as info:
+        Codec(registry_url=schema_registry.url).encode("Tweet", VALUES["Tweet"], topic="tweets")
+    assert str(info.value).startswith(
+        f"cannot encode Tweet (subject tweets-value): schema registry {schema_registry.url} "
+        "answered 409: Schema being registered is incompatible with an earlier schema"
+    )
 
 
 def test_bad_registry_url() -> None:

@@ -1,0 +1,1 @@
+"""Trending hashtags: a Faust service on tagstream's `hashtags` topic (see app.py)."""
