@@ -57,6 +57,13 @@ VALUES: dict[str, dict[str, Any]] = {
         "source": "twitter",
         "ingested_at_ms": 1715623451123.5,
         "replay_run_id": None,
+        "network": "x",
+        "post_id": "1790000000000000001",
+        "post_url": "https://x.com/i/web/status/1790000000000000001",
+        "langs": ["en"],
+        "tags": ["photography"],
+        "operation": "create",
+        "revision": None,
     },
     "ImageEvent": {
         "tweet_id": "1790000000000000001",
@@ -86,6 +93,7 @@ VALUES: dict[str, dict[str, Any]] = {
         "replay_run_id": None,
         "thumbnail": b"\xff\xd8\xff\xdbthumb\xff\xd9",
         "timestamps": {"ingested": 1715623451123.5, "inferred": 1715623451301.25},
+        "retraction": False,
     },
     "ShedRecord": {
         "tweet_id": "1790000000000000003",
@@ -143,9 +151,11 @@ def _tweet_v2() -> dict[str, Any]:
 
 
 def _tweet_v0() -> dict[str, Any]:
-    """Tweet before `source` and `replay_run_id` existed: an older writer."""
+    """Tweet before `source`, `replay_run_id` and the open networks' fields existed: an
+    older writer."""
     schema = _shipped("Tweet")
-    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("source", "replay_run_id")]
+    added = ("source", "replay_run_id", *TWEET_DEFAULTS)
+    schema["fields"] = [f for f in schema["fields"] if f["name"] not in added]
     return schema
 
 
@@ -353,7 +363,8 @@ def test_newer_reader_through_the_registry(registry: FakeRegistry) -> None:
 
 
 def test_older_writer_needs_registering() -> None:
-    value = {k: v for k, v in VALUES["Tweet"].items() if k not in ("source", "replay_run_id")}
+    added = ("source", "replay_run_id", *TWEET_DEFAULTS)
+    value = {k: v for k, v in VALUES["Tweet"].items() if k not in added}
     old_bytes = _single_object(_tweet_v0(), value)
     codec = Codec()
     with pytest.raises(CodecError, match="unknown schema fingerprint"):
@@ -363,7 +374,20 @@ def test_older_writer_needs_registering() -> None:
         **value,
         "source": "unknown",
         "replay_run_id": None,
+        **TWEET_DEFAULTS,
     }
+
+
+#: The Tweet fields added for the open networks, as an older writer's records read.
+TWEET_DEFAULTS = {
+    "network": "x",
+    "post_id": None,
+    "post_url": None,
+    "langs": [],
+    "tags": [],
+    "operation": "create",
+    "revision": None,
+}
 
 
 def test_unresolvable_writer_schema() -> None:

@@ -45,7 +45,12 @@ def tweet(tweet_id: str, *media: tuple[str, str | None]) -> dict:
 def run(stage: ShedAndFetch, codec: Codec, value: bytes, offset: int = 0) -> list[tuple[str, dict]]:
     consumed = Consumed(value, SourceRef("tweets", 0, offset, b"k"))
     outgoing = asyncio.run(stage.process(consumed))
-    records = {"images": "ImageEvent", "tweets.shed": "ShedRecord", "deadletter": "DeadLetter"}
+    records = {
+        "images": "ImageEvent",
+        "tweets.shed": "ShedRecord",
+        "deadletter": "DeadLetter",
+        "hashtags": "HashtagResult",
+    }
     # Through the codec, as the producer would: every value must fit its schema.
     return [
         (o.topic, codec.decode(records[o.topic], codec.encode(records[o.topic], o.value)))
@@ -85,6 +90,26 @@ def test_no_photo_and_over_rate_are_shed_with_reasons() -> None:
     assert first[0][0] == "images"
     assert second[0][0] == "tweets.shed" and second[0][1]["reason"] == "over_rate"
     assert second[0][1]["media_keys"] == ["3_0"] and fetcher.urls == ["http://h/a.jpg"]
+
+
+def test_a_deletion_ends_as_one_retraction_and_an_edit_retracts_before_its_own_results() -> None:
+    stage, codec, fetcher = make()
+    gone = dict(tweet("at://did:plc:a/app.bsky.feed.post/1"), operation="delete", text="")
+    gone["media"], gone["ingested_at_ms"] = [], 5.0
+    (out,) = run(stage, codec, codec.encode("Tweet", gone))
+    assert out[0] == "hashtags" and out[1]["retraction"] is True
+    assert out[1]["tweet_id"] == gone["id"] and out[1]["timestamps"]["ingested"] == 5.0
+    assert out[1]["media_key"] == "" and out[1]["hashtags"] == [] and fetcher.urls == []
+
+    edited = dict(tweet("m1", ("photo", "http://h/new.jpg")), operation="update")
+    out = run(stage, codec, codec.encode("Tweet", edited))
+    assert [topic for topic, _ in out] == ["hashtags", "images"]
+    assert out[0][1]["retraction"] and out[0][1]["tweet_id"] == "m1"
+    assert out[1][1]["media_key"] == "m1_0" and fetcher.urls == ["http://h/new.jpg"]
+    # An edit that took the photos away: the retraction, and the version is shed.
+    bare = dict(tweet("m2", ("video", None)), operation="update")
+    out = run(stage, codec, codec.encode("Tweet", bare))
+    assert [topic for topic, _ in out] == ["hashtags", "tweets.shed"]
 
 
 def test_garbage_is_a_dead_letter_with_its_bytes() -> None:
