@@ -47,6 +47,7 @@ from pydantic import SecretStr
 from infra.exceptions import CodecError, ConfigurationError, DecodeImageError, FetchError
 from infra.fetcher import ImageFetcher
 from infra.settings import Settings
+from producers.posts import tag_words
 from producers.tweets import tweet_from_stream_line
 from producers.xapi import (
     RATE_LIMIT_FIRST_S,
@@ -55,7 +56,6 @@ from producers.xapi import (
     XApiError,
     http_backoff,
     require_token,
-    tag_words,
 )
 from schemas.records import photos
 

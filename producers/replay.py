@@ -54,6 +54,7 @@ from infra.exceptions import BrokerError, CodecError, ConfigurationError
 from infra.kafka import consumed, consumer_config
 from infra.record_producer import SourceRef
 from infra.settings import Settings
+from producers import bluesky, mastodon
 from producers.archive import archive_files, read_archive
 from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
 from producers.tweets import tweet_from_stream_line
@@ -77,6 +78,8 @@ READ_AHEAD = 1000
 #: ``replay_run_id``, and raises CodecError for a line it cannot read.
 ARCHIVE_PARSERS: dict[str | None, Callable[..., Tweet]] = {
     None: tweet_from_stream_line,
+    bluesky.BlueskySource.archive_format: bluesky.tweet_from_archived,
+    mastodon.MastodonSource.archive_format: mastodon.tweet_from_archived,
 }
 
 

@@ -3,7 +3,8 @@
 A source is a small class (`TweetSource`) that owns only what is specific to where its
 posts come from: connecting, reading, turning what it reads into Tweet records
 (schemas/records.py) and saying what it could not turn into one (`Rejected`). The X API
-filtered stream (producers/xapi.py), synthetic demo traffic (producers/synthetic.py) and
+filtered stream (producers/xapi.py), Bluesky's Jetstream (producers/bluesky.py), Mastodon's
+streaming API (producers/mastodon.py), synthetic demo traffic (producers/synthetic.py) and
 archive or topic replay (producers/replay.py) are sources. Everything else is the pump's,
 written once:
 
