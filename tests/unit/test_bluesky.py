@@ -1,7 +1,8 @@
 """The Bluesky source against a fake Jetstream that speaks its wire format over a real
 WebSocket (no broker): events to Tweet records, the tag filter and the post gate, the
-reconnecting client (cursor, replays dropped, back-off, malformed frames) and resume
-after a restart."""
+reconnecting client (cursor, replays dropped, back-off, malformed frames), resume
+after a restart, and the Faust agent's stage taking such a post as it is (photos fetched
+from a CDN-shaped server, a deletion retracted)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from aiohttp import web
 from websockets.asyncio.server import serve
 
+from infra.demo_images import render_demo_jpeg
 from infra.exceptions import CodecError
+from infra.fetcher import ImageFetcher
+from infra.record_producer import SourceRef
+from infra.settings import Settings
+from processors.admission import AdmissionController
+from processors.shed_and_fetch import Consumed, ShedAndFetch
 from producers.bluesky import (
     POST,
     BlueskyError,
@@ -28,7 +36,8 @@ from producers.bluesky import (
 )
 from producers.posts import PostGate, TagFilter
 from producers.source import PositionFile, pump
-from tests.helpers import RecordingProducer, Sleeps
+from schemas.codec import Codec
+from tests.helpers import RecordingProducer, Sleeps, serve_locally
 
 CDN = "https://cdn.example"
 T0 = 1_725_911_162_000_000
@@ -448,3 +457,48 @@ def test_a_refused_subscription_stops_with_a_clear_error() -> None:
     fake = FakeJetstream(feed(), [[("http", 400)]])
     with pytest.raises(BlueskyError, match="HTTP 400"):
         run_source(fake)
+
+
+def test_the_stage_fetches_a_posts_photos_from_the_cdn_and_retracts_on_delete() -> None:
+    """Downstream unchanged: the Faust agent's stage fetches a Bluesky post's photos with
+    the safe fetcher from a CDN-shaped server (``@jpeg`` kept in the path), and turns
+    its deletion into a retraction."""
+    paths: list[str] = []
+
+    async def photo(request: web.Request) -> web.Response:
+        paths.append(request.raw_path)
+        return web.Response(body=render_demo_jpeg("cats", 1), content_type="image/jpeg")
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        app = web.Application()
+        app.router.add_get("/img/{size}/plain/{did}/{blob}", photo)
+        runner, cdn = await serve_locally(app)
+        codec = Codec()
+        try:
+            settings = Settings(fetch_allow_hosts=["127.0.0.1"])
+            async with ImageFetcher.from_settings(settings) as fetcher:
+                stage = ShedAndFetch(
+                    codec=codec, fetcher=fetcher, admission=AdmissionController(rate=9, burst=9)
+                )
+                post_event = post(T0, "3k01", "cat", embed=images("bafkreia1", "bafkreib1"))
+                created = tweet_from_event(
+                    post_event, cdn_url=cdn, source="bluesky", ingested_at_ms=1.0
+                )
+                gone = convert(commit(T0 + 1, ALICE, "3k01", operation="delete"))
+                where = SourceRef("tweets", 0, 0)
+                made = await stage.process(Consumed(codec.encode("Tweet", created), where))
+                retracted = await stage.process(Consumed(codec.encode("Tweet", gone), where))
+                return made, retracted
+        finally:
+            await runner.cleanup()
+
+    made, retracted = asyncio.run(main())
+    assert [o.topic for o in made] == ["images", "images"]
+    assert [o.key for o in made] == [f"{at_uri(ALICE, '3k01')}#bafkreia1",
+                                     f"{at_uri(ALICE, '3k01')}#bafkreib1"]  # fmt: skip
+    assert all(o.value["image"][:2] == b"\xff\xd8" for o in made)
+    assert paths == [f"/img/feed_fullsize/plain/{ALICE}/bafkreia1@jpeg",
+                     f"/img/feed_fullsize/plain/{ALICE}/bafkreib1@jpeg"]  # fmt: skip
+    (withdrawal,) = retracted
+    assert withdrawal.topic == "hashtags" and withdrawal.value["retraction"] is True
+    assert withdrawal.key == at_uri(ALICE, "3k01")
