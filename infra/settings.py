@@ -134,6 +134,25 @@ class Settings(BaseSettings):
     x_bearer_token: SecretStr | None = None
     x_api_base_url: str = "https://api.x.com"
 
+    # Bluesky and Mastodon ----------------------------------------------------------
+    bluesky_jetstream_url: str = Field(
+        "wss://jetstream2.us-east.bsky.network/subscribe",
+        description="a Jetstream instance's subscribe endpoint (ws:// or wss://)",
+    )
+    bluesky_cdn_url: str = Field(
+        "https://cdn.bsky.app", description="where Bluesky photos are fetched from"
+    )
+    mastodon_token: SecretStr | None = Field(
+        None, description="access token, for instances whose public streams need one"
+    )
+
+    @field_validator("bluesky_jetstream_url")
+    @classmethod
+    def _jetstream_is_a_websocket(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("bluesky_jetstream_url must start with ws:// or wss://")
+        return value
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_a_topic_fragment(cls, value: str) -> str:

@@ -25,7 +25,10 @@ acked).
 
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each photo then
 a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_rate`), or a
-DeadLetter (undecodable record; a photo that cannot be fetched).
+DeadLetter (undecodable record; a photo that cannot be fetched). A deletion (a Tweet
+with ``operation`` delete: not a post) ends as one retraction on `hashtags`, which
+withdraws the post's earlier results (schemas/records.py: `retraction`); a new version
+of a post (``update``) is preceded by one, then goes on as any post.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from schemas.records import (
     image_event,
     now_ms,
     photos,
+    retraction,
     rule_tags,
     shed_record,
 )
@@ -156,6 +160,17 @@ class ShedAndFetch:
             tweet: Tweet = self.codec.decode("Tweet", consumed.value)  # type: ignore[assignment]
         except CodecError as exc:
             return [self.dead_letter(consumed, "decode_tweet", exc, payload=consumed.value)]
+        if tweet["operation"] in ("update", "delete"):
+            # Before any result of this version: a consumer that reads the retraction
+            # first still keeps them (they were ingested with it, not before it).
+            withdrawn = retraction(tweet=tweet, timestamps={"received": received})
+            retracted = [Outgoing("hashtags", tweet["id"], withdrawn)]
+            if tweet["operation"] == "delete":
+                return retracted
+            return retracted + await self._post(consumed, tweet, received)
+        return await self._post(consumed, tweet, received)
+
+    async def _post(self, consumed: Consumed, tweet: Tweet, received: float) -> list[Outgoing]:
         tweet_photos = photos(tweet)
         if not tweet_photos:
             kinds = sorted({m["type"] for m in tweet["media"]}) or ["none"]

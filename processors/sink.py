@@ -7,6 +7,13 @@ Closed windows are appended to ``<out_dir>/samples.jsonl`` with their thumbnails
 ``<out_dir>/thumbs/``, and the newest samples are held in memory for the gallery, a
 small aiohttp app whose page polls ``/api/samples`` and renders cards client-side.
 
+A retraction (a HashtagResult with ``retraction`` set: the post was deleted or edited)
+withdraws the post's results ingested before it: they leave the window being sampled and
+the gallery's memory, and those that arrive later (results can come after their
+retraction) are not taken. Samples already written stay in ``samples.jsonl``, followed by
+a ``{"retracted": [seq, ...]}`` line, so a restarted sink does not show them again. A
+page already open keeps the cards it has drawn until it is reloaded.
+
 Nothing here knows about Kafka: the caller's consumer thread calls `SampledSink.add`
 for every decoded result while the gallery is served from an asyncio loop, so the sink
 guards its state with a lock.
@@ -22,12 +29,14 @@ import random
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from schemas.records import retracts
 
 __all__ = [
     "SampledSink",
@@ -40,6 +49,9 @@ __all__ = [
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES_FILE = "samples.jsonl"
 THUMBS_DIR = "thumbs"
+
+# Retractions remembered, to drop the results that arrive after theirs.
+_RETRACTIONS_KEPT = 10_000
 
 # Thumbnail names we ever write, and therefore the only ones we ever serve.
 _THUMB_NAME = re.compile(r"[A-Za-z0-9_-]{1,160}\.jpg")
@@ -94,6 +106,15 @@ class WindowedReservoir:
     @property
     def seen_in_window(self) -> int:
         return self._seen
+
+    def discard(self, unwanted: Callable[[Any], bool]) -> int:
+        """Take the items `unwanted` says out of the current sample; returns how many.
+
+        The window's count of items seen stays: its other items keep their chance."""
+        kept = [item for item in self._sample if not unwanted(item)]
+        dropped = len(self._sample) - len(kept)
+        self._sample = kept
+        return dropped
 
     def offer(self, item: Any) -> list[list[Any]]:
         """Consider `item` for the current window; return the samples of windows it closed."""
@@ -209,19 +230,48 @@ class SampledSink:
             window_s=window_s, per_window=per_window, rng=rng, clock=clock
         )
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._retractions: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._seq = 0
         self._seen = 0
         self._sampled = 0
+        self._withdrawn = 0
         self._load_tail()
 
     # Ingest ---------------------------------------------------------------------
 
     def add(self, result: dict[str, Any]) -> None:
-        """Offer one HashtagResult; writes the samples of any window this closes."""
+        """Offer one HashtagResult; writes the samples of any window this closes. A
+        retraction withdraws the results it names instead (module docstring)."""
         with self._lock:
+            if result.get("retraction"):
+                self._retract(result)
+                return
+            withdrawal = self._retractions.get(result.get("tweet_id") or "")
+            if withdrawal is not None and retracts(withdrawal, result):
+                self._withdrawn += 1
+                return
             self._seen += 1
             for sample in self._reservoir.offer(result):
                 self._write_window(sample)
+
+    def _retract(self, withdrawal: dict[str, Any]) -> None:
+        tweet_id = withdrawal.get("tweet_id") or ""
+        known = self._retractions.get(tweet_id)
+        if known is None or retracts(withdrawal, {**known, "retraction": False}):
+            # The later retraction withdraws all that the earlier one did, and more.
+            self._retractions[tweet_id] = withdrawal
+        self._retractions.move_to_end(tweet_id)
+        if len(self._retractions) > _RETRACTIONS_KEPT:
+            self._retractions.popitem(last=False)
+        self._withdrawn += self._reservoir.discard(lambda r: retracts(withdrawal, r))
+        gone = [r["seq"] for r in self._recent if retracts(withdrawal, r)]
+        if gone:
+            self._recent = deque(
+                (r for r in self._recent if r["seq"] not in gone), maxlen=self.keep
+            )
+            self._withdrawn += len(gone)
+            with self.samples_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"retracted": gone, "tweet_id": tweet_id}) + "\n")
 
     def window_due(self) -> bool:
         """Whether the current window holds results and has ended: time to `flush` or `tick`."""
@@ -257,9 +307,10 @@ class SampledSink:
             return self._seq
 
     def stats(self) -> dict[str, int]:
-        """``seen``: results offered; ``sampled``: samples written, both since this start."""
+        """``seen``: results offered; ``sampled``: samples written; ``withdrawn``: results
+        and samples dropped for a retraction; all since this start."""
         with self._lock:
-            return {"seen": self._seen, "sampled": self._sampled}
+            return {"seen": self._seen, "sampled": self._sampled, "withdrawn": self._withdrawn}
 
     # Internals ----------------------------------------------------------------
 
@@ -301,14 +352,17 @@ class SampledSink:
         if size > want and raw_lines:
             raw_lines = raw_lines[1:]  # the first line is probably cut
         records: list[dict[str, Any]] = []
+        retracted: set[Any] = set()
         for raw in raw_lines:
             try:
                 record = json.loads(raw)
             except ValueError:
                 continue  # a crash mid-write can leave a torn last line
-            if isinstance(record, dict):
+            if isinstance(record, dict) and isinstance(record.get("retracted"), list):
+                retracted.update(record["retracted"])
+            elif isinstance(record, dict):
                 records.append(record)
-        records = records[-self.keep :]
+        records = [r for r in records if r.get("seq") not in retracted][-self.keep :]
         for record in records:
             seq = record.get("seq")
             # Old lines without a seq (or out of order) get the next free number.

@@ -1,9 +1,12 @@
-"""An archive of raw X stream lines, with their receive times, in rotating gzip files.
+"""An archive of raw stream lines, with their receive times, in rotating gzip files.
 
 `StreamArchive` writes one JSON object per line: ``{"t": epoch_ms, "line": {...}}`` for a
 line that parsed as a JSON object, ``{"t": epoch_ms, "raw": "..."}`` for one that did not
 (its bytes as text; bytes that are not UTF-8 survive the round trip as escaped
-surrogates). Files rotate by uncompressed size and by age and are named
+surrogates). A line of a source other than the X stream also names its format,
+``{"t": epoch_ms, "format": "bluesky", "line": {...}}``, which tells replay how to read
+it back (producers/replay.py); X lines carry no format, as they always did, so archives
+of either age read the same. Files rotate by uncompressed size and by age and are named
 ``stream-YYYYmmddTHHMMSSZ-NNNNNN.jsonl.gz`` (UTC open time, then a counter), so names sort
 in time order. A file is written as ``<name>.part`` and renamed when closed: a reader of
 the folder never sees a half-written file. A process killed mid-file leaves its
@@ -29,7 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,17 @@ PREFIX = "stream-"
 SUFFIX = ".jsonl.gz"
 PART = ".part"
 
-#: What `read_archive` yields per line: a parsed stream line, or the bytes of one that
-#: was not a JSON object.
+#: A parsed stream line, or the bytes of one that was not a JSON object.
 ArchivedLine = dict[str, Any] | bytes
+
+
+class Archived(NamedTuple):
+    """What `read_archive` yields per line: its receive time (None in plain JSON-lines
+    files), the line, and its format (None: an X API v2 line)."""
+
+    t_ms: float | None
+    line: ArchivedLine
+    line_format: str | None = None
 
 
 class StreamArchive:
@@ -82,19 +93,29 @@ class StreamArchive:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def write(self, line: dict[str, Any] | bytes | str, *, t_ms: float | None = None) -> None:
+    def write(
+        self,
+        line: dict[str, Any] | bytes | str,
+        *,
+        t_ms: float | None = None,
+        line_format: str | None = None,
+    ) -> None:
         """Archive one line as received at `t_ms` (default: now by the clock).
 
         A dict is stored as parsed JSON; bytes or str (a malformed line) as text.
+        `line_format` names the source's format (None: an X API v2 line).
         """
         now = self._clock()
         if t_ms is None:
             t_ms = now * 1000.0
+        record: dict[str, Any] = {"t": t_ms}
+        if line_format is not None:
+            record["format"] = line_format
         if isinstance(line, dict):
-            record: dict[str, Any] = {"t": t_ms, "line": line}
+            record["line"] = line
         else:
             raw = line.decode("utf-8", "surrogateescape") if isinstance(line, bytes) else line
-            record = {"t": t_ms, "raw": raw}
+            record["raw"] = raw
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         if self._file is not None and (
             self._written >= self.max_bytes or now - self._opened_at >= self.max_age_s
@@ -154,19 +175,22 @@ def _open_text(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")
 
 
-def _decode(raw: bytes) -> tuple[float | None, ArchivedLine]:
+def _decode(raw: bytes) -> Archived:
     try:
         obj = json.loads(raw)
     except ValueError:
-        return None, raw
+        return Archived(None, raw)
     if not isinstance(obj, dict):
-        return None, raw
+        return Archived(None, raw)
     t = obj.get("t")
-    is_record = set(obj) in ({"t", "line"}, {"t", "raw"}) and (
-        t is None or (isinstance(t, int | float) and not isinstance(t, bool))
+    line_format = obj.get("format")
+    is_record = (
+        set(obj) - {"format"} in ({"t", "line"}, {"t", "raw"})
+        and (t is None or (isinstance(t, int | float) and not isinstance(t, bool)))
+        and (line_format is None or isinstance(line_format, str))
     )
     if not is_record:
-        return None, obj  # a plain v2 stream line
+        return Archived(None, obj)  # a plain v2 stream line
     # JSON from elsewhere may say Infinity or NaN: such a time is no time (pacing would
     # wait for ever on it); the line is still replayed.
     try:
@@ -178,19 +202,20 @@ def _decode(raw: bytes) -> tuple[float | None, ArchivedLine]:
     if "line" in obj:
         line = obj["line"]
         if isinstance(line, dict):
-            return t_ms, line
-        return t_ms, json.dumps(line).encode()
+            return Archived(t_ms, line, line_format)
+        return Archived(t_ms, json.dumps(line).encode(), line_format)
     text = obj["raw"]
     if not isinstance(text, str):
-        return t_ms, json.dumps(text).encode()
-    return t_ms, text.encode("utf-8", "surrogateescape")
+        return Archived(t_ms, json.dumps(text).encode(), line_format)
+    return Archived(t_ms, text.encode("utf-8", "surrogateescape"), line_format)
 
 
-def read_archive(path: Path) -> Iterator[tuple[float | None, ArchivedLine]]:
-    """``(t_ms, line)`` for every line of an archive file or folder, in order.
+def read_archive(path: Path) -> Iterator[Archived]:
+    """``(t_ms, line, line_format)`` for every line of an archive file or folder, in order.
 
     `line` is the parsed stream line (a dict), or the bytes of a line that was not a JSON
     object. `t_ms` is the receive time in epoch ms, None for plain JSON-lines files.
+    `line_format` is the source's format, None for X API v2 lines.
     Blank lines are skipped; a file cut short (a leftover ``.part``) is read up to the
     cut, with a warning.
     """

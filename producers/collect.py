@@ -48,6 +48,7 @@ from infra.exceptions import CodecError, ConfigurationError, DecodeImageError, F
 from infra.fetcher import ImageFetcher
 from infra.images import upright
 from infra.settings import Settings
+from producers.posts import tag_words
 from producers.tweets import tweet_from_stream_line
 from producers.xapi import (
     RATE_LIMIT_FIRST_S,
@@ -56,7 +57,6 @@ from producers.xapi import (
     XApiError,
     http_backoff,
     require_token,
-    tag_words,
 )
 from schemas.records import photos
 

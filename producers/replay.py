@@ -1,8 +1,10 @@
 """Replay archived tweets onto `tweets`, keeping their original timing (or faster).
 
 `ReplaySource` is a tweet source (producers/source.py) over one of two inputs: a stream
-archive (producers/archive.py: raw v2 lines with receive times, or plain JSON-lines
-files), whose lines go through `tweet_from_stream_line`; or a Kafka topic of Tweet
+archive (producers/archive.py: raw lines with receive times, or plain JSON-lines files),
+whose lines go through the parser of their format (`ARCHIVE_PARSERS`: X API v2 lines
+through `tweet_from_stream_line`, another source's through its own), so that posts and
+deletions come back as they were produced; or a Kafka topic of Tweet
 records (an archived `tweets`), read without joining a group, by `assign()` between two
 bounds (or to the end of each partition, as a fetch reports it) and decoded. Either way
 each tweet is produced to ``settings.topic("tweets")`` with ``source = "replay"``, a
@@ -52,11 +54,12 @@ from infra.exceptions import BrokerError, CodecError, ConfigurationError
 from infra.kafka import consumed, consumer_config, wait_for_broker
 from infra.record_producer import SourceRef
 from infra.settings import Settings
+from producers import bluesky, mastodon
 from producers.archive import archive_files, read_archive
 from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
 from producers.tweets import tweet_from_stream_line
 from schemas.codec import Codec
-from schemas.records import now_ms
+from schemas.records import Tweet, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,15 @@ READ_IDLE_TIMEOUT_S = 10.0
 
 #: Records a topic replay reads ahead per partition before pausing its fetching.
 READ_AHEAD = 1000
+
+#: How an archived line of each format (producers/archive.py; None: an X API v2 line)
+#: becomes a Tweet record. Each takes the line and ``source``, ``ingested_at_ms`` and
+#: ``replay_run_id``, and raises CodecError for a line it cannot read.
+ARCHIVE_PARSERS: dict[str | None, Callable[..., Tweet]] = {
+    None: tweet_from_stream_line,
+    bluesky.BlueskySource.archive_format: bluesky.tweet_from_archived,
+    mastodon.MastodonSource.archive_format: mastodon.tweet_from_archived,
+}
 
 
 class ReplayCounts(Counter[str]):
@@ -120,6 +132,7 @@ class _Item:
 
     t_ms: float | None
     line: dict[str, Any] | None = None
+    line_format: str | None = None
     tweet: dict[str, Any] | None = None
     raw: bytes | None = None
     error: str = ""
@@ -134,7 +147,7 @@ def _archive_items(
     # A line without a receive time goes with its predecessor: skipped before the start
     # time is reached, like a topic record without a timestamp.
     started = not isinstance(start, datetime)
-    for index, (t_ms, line) in enumerate(read_archive(path)):
+    for index, (t_ms, line, line_format) in enumerate(read_archive(path)):
         if isinstance(start, int) and index < start:
             continue
         if isinstance(stop, int) and index >= stop:
@@ -152,7 +165,7 @@ def _archive_items(
         if isinstance(line, bytes):
             yield _Item(t_ms, raw=line, error="archived line is not a JSON object", where=where)
         else:
-            yield _Item(t_ms, line=line, where=where)
+            yield _Item(t_ms, line=line, line_format=line_format, where=where)
 
 
 @dataclass
@@ -395,8 +408,13 @@ class ReplaySource(TweetSource):
     def _item(self, item: _Item) -> SourceItem:
         tweet = item.tweet
         if tweet is None and item.line is not None:
+            parse = ARCHIVE_PARSERS.get(item.line_format)
+            if parse is None:
+                error = f"archived line of unknown format {item.line_format!r:.40}"
+                rejected = Rejected(json.dumps(item.line).encode(), error, item.where)
+                return SourceItem(rejected=rejected, t_ms=item.t_ms)
             try:
-                tweet = tweet_from_stream_line(
+                tweet = parse(
                     item.line,
                     source=self.name,
                     ingested_at_ms=now_ms(),

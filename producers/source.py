@@ -3,7 +3,8 @@
 A source is a small class (`TweetSource`) that owns only what is specific to where its
 posts come from: connecting, reading, turning what it reads into Tweet records
 (schemas/records.py) and saying what it could not turn into one (`Rejected`). The X API
-filtered stream (producers/xapi.py), synthetic demo traffic (producers/synthetic.py) and
+filtered stream (producers/xapi.py), Bluesky's Jetstream (producers/bluesky.py), Mastodon's
+streaming API (producers/mastodon.py), synthetic demo traffic (producers/synthetic.py) and
 archive or topic replay (producers/replay.py) are sources. Everything else is the pump's,
 written once:
 
@@ -14,9 +15,17 @@ written once:
   keyed by tweet id, with backpressure; ``ingested_at_ms`` is stamped as each tweet is
   handed to it;
 - dead letters for `Rejected` input, with its bytes and where it came from;
-- dropping repeats of recent tweet ids (`TweetSource.repeats`: a stream that replays
-  tweets after a reconnect);
-- the raw archive of what was read (``--archive``: producers/archive.py);
+- what a source read and left out on purpose (a skip: a post without photos, one that
+  matched no filter, another collection) is counted by reason, and still moves the
+  resume position on;
+- dropping repeats of recent posts (`TweetSource.repeats`: a stream that replays posts
+  after a reconnect), by tweet id, operation and revision, so that a new version or the
+  deletion of a post is not taken for a repeat;
+- counting new posts (``tweets``), new versions (``updates``) and deletions
+  (``deletes``) apart: a deletion is not a post, and it ends as a retraction of the
+  post's results (docs/sources.md), not as a result, a shed record or a dead letter;
+- the raw archive of what was read (``--archive``: producers/archive.py), each line
+  tagged with the source's `archive_format` so that replay knows how to read it back;
 - counters, a progress line every few seconds, and a clean stop (read no more, flush);
 - resume positions: when a source gives items a ``position``, the pump hands the
   newest position whose item, and every item before it, was delivered to a
@@ -75,7 +84,8 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class SourceItem:
-    """What a source yields: a tweet or a rejected input, with what the pump needs.
+    """What a source yields: a tweet, a rejected input, or the reason it skipped what it
+    read (``skipped``: nothing is produced), with what the pump needs.
 
     ``t_ms``: the item's time, for pacing (None: send at once). ``position``: where a
     restart resumes once this item and all before it are delivered (JSON-serialisable;
@@ -84,13 +94,14 @@ class SourceItem:
 
     tweet: Tweet | None = None
     rejected: Rejected | None = None
+    skipped: str | None = None
     t_ms: float | None = None
     position: Any = None
     raw: dict[str, Any] | bytes | None = None
 
     def __post_init__(self) -> None:
-        if (self.tweet is None) == (self.rejected is None):
-            raise ValueError("a SourceItem holds either a tweet or a rejected input")
+        if [self.tweet, self.rejected, self.skipped].count(None) != 2:
+            raise ValueError("a SourceItem holds one of a tweet, a rejected input or a skip")
 
 
 class TweetSource(abc.ABC):
@@ -100,8 +111,12 @@ class TweetSource(abc.ABC):
     name: ClassVar[str]
     #: The ``stage`` of dead letters for `Rejected` input.
     dead_letter_stage: ClassVar[str]
-    #: Recent tweet ids to remember and drop repeats of (0: none).
+    #: Recent posts (tweet id, operation, revision) to remember and drop repeats of
+    #: (0: none).
     repeats: ClassVar[int] = 0
+    #: The tag of this source's raw lines in an archive: which parser reads them back
+    #: (producers/replay.py); None for X API v2 stream lines.
+    archive_format: ClassVar[str | None] = None
     #: Whether the pump should pace items by their ``t_ms``, and at what speed (None: max).
     speed: float | None = None
 
@@ -179,9 +194,10 @@ async def pump(
 ) -> Counter[str]:
     """Produce the tweets of `source` until it ends, `max_tweets` are sent, or `stop`.
 
-    Returns the counts (``tweets``, ``dead_letters``, ``duplicates``, ``waits``,
-    ``archived``, ...). Everything produced is flushed before returning; the resume
-    position (with `positions`) is saved then too.
+    Returns the counts (``tweets``, ``updates``, ``deletes``, ``dead_letters``,
+    ``duplicates``, ``skipped`` and ``skipped_<reason>``, ``waits``, ``archived``, ...).
+    Everything produced is flushed before returning; the resume position (with
+    `positions`) is saved then too.
     """
     counts: Counter[str] = Counter(tweets=0, dead_letters=0)
     tracker = _Positions(positions) if positions is not None else None
@@ -222,7 +238,7 @@ async def _read(
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[Any]],
 ) -> None:
-    recent: OrderedDict[str, None] = OrderedDict()
+    recent: OrderedDict[tuple[str, str, str | None], None] = OrderedDict()
     t0: float | None = None
     began = 0.0
     last_save = last_progress = started = clock()
@@ -237,23 +253,30 @@ async def _read(
                         await sleep(delay)
                         counts["waits"] += 1
             if archive is not None and item.raw is not None:
-                archive.write(item.raw)
+                archive.write(item.raw, line_format=source.archive_format)
                 counts["archived"] += 1
             delivered = None
             if tracker is not None and item.position is not None:
                 delivered = tracker.track(item.position)
-            if item.rejected is not None:
+            if item.skipped is not None:
+                counts["skipped"] += 1
+                counts[f"skipped_{item.skipped}"] += 1
+                if delivered is not None:
+                    delivered(None)
+            elif item.rejected is not None:
                 _reject(source, producer, item.rejected, counts, delivered)
             else:
                 assert item.tweet is not None
                 tweet_id = item.tweet["id"]
-                if source.repeats and tweet_id in recent:
+                operation = item.tweet.get("operation") or "create"
+                seen = (tweet_id, operation, item.tweet.get("revision"))
+                if source.repeats and seen in recent:
                     counts["duplicates"] += 1
                     if delivered is not None:
                         delivered(None)
                 else:
                     if source.repeats:
-                        recent[tweet_id] = None
+                        recent[seen] = None
                         if len(recent) > source.repeats:
                             recent.popitem(last=False)
                     tweet = dict(item.tweet, ingested_at_ms=now_ms())
@@ -264,7 +287,7 @@ async def _read(
                         where = SourceRef(source.name)
                         _reject(source, producer, Rejected(raw, str(e), where), counts, delivered)
                     else:
-                        counts["tweets"] += 1
+                        counts[_COUNTED_AS.get(operation, "tweets")] += 1
             now = clock()
             if tracker is not None and now - last_save >= SAVE_EVERY_S:
                 tracker.save()
@@ -275,6 +298,10 @@ async def _read(
                 last_progress = now
             if max_tweets is not None and counts["tweets"] >= max_tweets:
                 return
+
+
+#: The count each operation of a produced Tweet goes to.
+_COUNTED_AS = {"create": "tweets", "update": "updates", "delete": "deletes"}
 
 
 def _reject(

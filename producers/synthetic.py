@@ -283,7 +283,10 @@ class SyntheticSource(TweetSource):
         n = self.first
         while self.end is None or n < self.end:
             tweet = tweet_from_stream_line(
-                self.generator.line(n), source=self.name, ingested_at_ms=now_ms()
+                self.generator.line(n),
+                source=self.name,
+                ingested_at_ms=now_ms(),
+                network="synthetic",
             )
             t_ms = (n - self.first) * 1000.0 / self.rate if self.rate else None
             yield SourceItem(tweet=tweet, t_ms=t_ms, position=n)

@@ -105,8 +105,12 @@ def tweet_from_stream_line(
     source: str,
     ingested_at_ms: float,
     replay_run_id: str | None = None,
+    network: str = "x",
 ) -> Tweet:
     """The Tweet record (schemas/records.py) of one v2 stream line.
+
+    `network` is ``x`` for lines from X (the post's web page is then known) and
+    ``synthetic`` for the demo's made-up lines.
 
     Raises `CodecError` for a line that is not a tweet: not an object, no ``data``
     object (such as an error line), no string ``id`` or ``text``, or fields of the wrong
@@ -138,4 +142,7 @@ def tweet_from_stream_line(
         source=source,
         ingested_at_ms=ingested_at_ms,
         replay_run_id=replay_run_id,
+        network=network,
+        post_id=tweet_id,
+        post_url=f"https://x.com/i/web/status/{tweet_id}" if network == "x" else None,
     )

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from pydantic import SecretStr
 
-from infra.demo_images import DEMO_CLASSES
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.record_producer import SourceRef
 from infra.settings import Settings
+from producers.posts import default_classes, singular, tag_words
 from producers.source import Rejected, SourceItem, TweetSource, run_source
 from producers.tweets import tweet_from_stream_line
 from schemas.records import now_ms
@@ -171,25 +171,6 @@ class XApiClient:
         return redact(text, self._token)
 
 
-def _plural(word: str) -> str:
-    irregular = {"sheep": "sheep", "butterfly": "butterflies", "mouse": "mice"}
-    if word in irregular:
-        return irregular[word]
-    return word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
-
-
-def _singular(name: str) -> str:
-    # Class folders are named either way ("cats", "cow"); "ss" words are singular.
-    return name[:-1] if name.endswith("s") and not name.endswith("ss") else name
-
-
-def tag_words(name: str) -> list[str]:
-    """The singular and plural of a class or tag name, in that order, without repeats
-    (``cats`` and ``cat`` both give ``["cat", "cats"]``; ``sheep`` gives ``["sheep"]``)."""
-    one = _singular(name)
-    return list(dict.fromkeys([one, _plural(one)]))
-
-
 def http_backoff(failures: int) -> float:
     """The documented delay after the n-th HTTP error in a row: 5 s, doubling, up to 320 s."""
     return min(HTTP_FIRST_S * 2 ** (failures - 1), HTTP_MAX_S)
@@ -202,10 +183,10 @@ def targeted_rules(classes: Iterable[str] | None = None) -> list[dict[str, str]]
     are the demo model's, less ``others`` (which names no animal to look for).
     """
     if classes is None:
-        classes = [c for c in DEMO_CLASSES if c != "others"]
+        classes = default_classes()
     rules = []
     for name in classes:
-        words = [*tag_words(name), f"#{_singular(name)}"]
+        words = [*tag_words(name), f"#{singular(name)}"]
         rules.append({"value": f"({' OR '.join(words)}) has:images -is:retweet", "tag": name})
     return rules
 

@@ -51,15 +51,26 @@ class MatchingRule(TypedDict):
 
 
 class Tweet(TypedDict):
-    id: str
+    id: str  # X tweet id; Bluesky AT URI; mastodon:<host>:<status id>: never collide
     text: str
     author_id: str | None
     created_at: str | None
     media: list[Media]
     matching_rules: list[MatchingRule]
-    source: str
+    source: str  # the process that took it in: twitter, bluesky, mastodon, replay, ...
     ingested_at_ms: float
     replay_run_id: str | None
+    network: str  # x, bluesky, mastodon, synthetic
+    post_id: str | None
+    post_url: str | None
+    langs: list[str]
+    tags: list[str]  # the author's own hashtags, without '#'
+    operation: str  # create, update or delete (see OPERATIONS)
+    revision: str | None
+
+
+#: What a Tweet record stands for: a new post, a new version of one, or its deletion.
+OPERATIONS: tuple[str, ...] = ("create", "update", "delete")
 
 
 def media(
@@ -94,7 +105,16 @@ def tweet(
     media: Sequence[Media] = (),
     matching_rules: Sequence[MatchingRule] = (),
     replay_run_id: str | None = None,
+    network: str = "x",
+    post_id: str | None = None,
+    post_url: str | None = None,
+    langs: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    operation: str = "create",
+    revision: str | None = None,
 ) -> Tweet:
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {', '.join(OPERATIONS)}, got {operation!r}")
     return Tweet(
         id=id,
         text=text,
@@ -105,6 +125,39 @@ def tweet(
         source=source,
         ingested_at_ms=float(ingested_at_ms),
         replay_run_id=replay_run_id,
+        network=network,
+        post_id=post_id,
+        post_url=post_url,
+        langs=list(langs),
+        tags=list(tags),
+        operation=operation,
+        revision=revision,
+    )
+
+
+def deletion(
+    *,
+    id: str,  # noqa: A002 - the schema's field name
+    network: str,
+    source: str,
+    ingested_at_ms: float,
+    post_id: str | None = None,
+    author_id: str | None = None,
+    revision: str | None = None,
+    replay_run_id: str | None = None,
+) -> Tweet:
+    """The Tweet record saying that post `id` was deleted: no text, no media."""
+    return tweet(
+        id=id,
+        text="",
+        source=source,
+        ingested_at_ms=ingested_at_ms,
+        author_id=author_id,
+        replay_run_id=replay_run_id,
+        network=network,
+        post_id=post_id,
+        operation="delete",
+        revision=revision,
     )
 
 
@@ -179,6 +232,7 @@ class HashtagResult(TypedDict):
     thumbnail: bytes | None
     timestamps: dict[str, float]
     cached: bool
+    retraction: bool
 
 
 def hashtag_result(
@@ -211,7 +265,46 @@ def hashtag_result(
         thumbnail=thumbnail,
         timestamps=dict(event.get("timestamps") or {}) | dict(timestamps or {}),
         cached=cached,
+        retraction=False,
     )
+
+
+def retraction(*, tweet: Mapping, timestamps: Mapping[str, float]) -> HashtagResult:
+    """The withdrawal of every result of `tweet`'s post ingested before `tweet` was.
+
+    For a deleted or edited post (`tweet` is its deletion or its new version). A consumer
+    of `hashtags` drops every result with this ``tweet_id`` whose ``timestamps.ingested``
+    is earlier than this record's, those it holds and those still to come: a retraction
+    can overtake results, which take the longer way through `images` and inference.
+    """
+    return HashtagResult(
+        tweet_id=tweet["id"],
+        media_key="",
+        url="",
+        tweet_text="",
+        hashtags=[],
+        top_class="",
+        scores={},
+        model_id="",
+        model_version="",
+        consumer_id="",
+        source=tweet.get("source") or "unknown",
+        replay_run_id=tweet.get("replay_run_id"),
+        thumbnail=None,
+        timestamps={"ingested": float(tweet["ingested_at_ms"])} | dict(timestamps),
+        cached=False,
+        retraction=True,
+    )
+
+
+def retracts(withdrawal: Mapping, result: Mapping) -> bool:
+    """Whether HashtagResult `withdrawal` (a retraction) withdraws `result`."""
+    if not withdrawal.get("retraction") or result.get("retraction"):
+        return False
+    if result.get("tweet_id") != withdrawal.get("tweet_id"):
+        return False
+    before = (withdrawal.get("timestamps") or {}).get("ingested", float("inf"))
+    return (result.get("timestamps") or {}).get("ingested", float("-inf")) < before
 
 
 # ShedRecord.avsc -----------------------------------------------------------------------

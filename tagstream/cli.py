@@ -164,6 +164,85 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classes(text: str | None) -> list[str] | None:
+    return [t for t in text.split(",") if t.strip()] if text is not None else None
+
+
+def _produce_from(settings, source, args, *, positions=None) -> Counter[str]:
+    """Pump `source` until a signal (or --max-tweets), archiving with --archive."""
+    from producers.source import run_source
+
+    async def run(stop: asyncio.Event) -> Counter[str]:
+        archive = None
+        if args.archive is not None:
+            from producers.archive import StreamArchive
+
+            archive = StreamArchive(args.archive)
+        try:
+            return await run_source(
+                settings,
+                source,
+                stop=stop,
+                max_tweets=args.max_tweets,
+                archive=archive,
+                positions=positions,
+            )
+        finally:
+            if archive is not None:
+                archive.close()
+
+    return _run_with_signals(run)
+
+
+def cmd_produce_bluesky(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from infra.exceptions import ConfigurationError
+    from producers.bluesky import BlueskySource, Jetstream, since_cursor
+    from producers.posts import TagFilter, default_classes
+    from producers.source import PositionFile
+
+    settings = get_settings()
+    cursor = None
+    if args.cursor is not None:
+        cursor = [args.cursor, 0]
+    elif args.since is not None:
+        try:
+            when = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigurationError(f"--since {args.since!r}: not an ISO 8601 time") from None
+        cursor = [since_cursor(when if when.tzinfo else when.replace(tzinfo=UTC)), 0]
+    tags = TagFilter(None if args.all else _classes(args.tags) or default_classes())
+    stream = Jetstream(url=settings.bluesky_jetstream_url, cursor=cursor)
+    source = BlueskySource(stream, tags=tags, cdn_url=settings.bluesky_cdn_url)
+    state = Path(args.state) if args.state else settings.data_dir / "bluesky-cursor.json"
+    counts = _produce_from(settings, source, args, positions=PositionFile(state))
+    counts.update(stream.counters)
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    print(f"bluesky: {summary}; position saved in {state}", flush=True)
+    return 0
+
+
+def cmd_produce_mastodon(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
+    from producers.mastodon import MastodonSource, MastodonStreams, streams_for
+    from producers.posts import TagFilter
+
+    settings = get_settings()
+    tags = TagFilter(_classes(",".join(args.tag)) if args.tag else None)
+    token = SecretStr(args.token) if args.token else settings.mastodon_token
+    streams = MastodonStreams(
+        instance=args.instance, streams=streams_for(tags, local=args.local), token=token
+    )
+    source = MastodonSource(streams, tags=tags)
+    counts = _produce_from(settings, source, args)
+    counts.update(streams.counters)
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    print(f"mastodon {streams.host}: {summary}", flush=True)
+    return 0
+
+
 def cmd_produce_replay(args: argparse.Namespace) -> int:
     from producers.replay import parse_bound, replay
 
@@ -425,6 +504,77 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="also archive every raw stream line, timed, to rotating gzip files in DIR",
     )
     twitter.set_defaults(func=cmd_produce_twitter)
+    bluesky = sources.add_parser(
+        "bluesky", help="Bluesky posts with images, from Jetstream (free, no account)"
+    )
+    which = bluesky.add_mutually_exclusive_group()
+    which.add_argument(
+        "--tags",
+        default=None,
+        help="comma-separated classes, matched by hashtag or word, e.g. cats,dogs "
+        "(default: the demo model's classes)",
+    )
+    which.add_argument("--all", action="store_true", help="every post with images")
+    start = bluesky.add_mutually_exclusive_group()
+    start.add_argument(
+        "--cursor",
+        type=int,
+        default=None,
+        metavar="US",
+        help="start at this Jetstream time (epoch microseconds) instead of the saved position",
+    )
+    start.add_argument(
+        "--since",
+        default=None,
+        metavar="ISO",
+        help="start at this time (ISO 8601, UTC when naive) instead of the saved position",
+    )
+    bluesky.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="resume position file (default: <data_dir>/bluesky-cursor.json)",
+    )
+    mastodon = sources.add_parser(
+        "mastodon", help="Mastodon posts with images, from an instance's streaming API"
+    )
+    mastodon.add_argument(
+        "--instance", required=True, help="the instance, e.g. https://mastodon.social"
+    )
+    mastodon.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        help="a class to read the hashtag streams of (cats reads #cat and #cats); "
+        "repeat it or give a comma-separated list (default: the public timeline)",
+    )
+    mastodon.add_argument(
+        "--local",
+        action="store_true",
+        help="without --tag: the instance's local timeline instead of the federated one",
+    )
+    mastodon.add_argument(
+        "--token",
+        default=None,
+        help="access token, only for instances that need one for public streams "
+        "(default: TAGSTREAM_MASTODON_TOKEN)",
+    )
+    for network in (bluesky, mastodon):
+        network.add_argument(
+            "--max-tweets",
+            type=int,
+            default=None,
+            help="stop after this many posts (default: none)",
+        )
+        network.add_argument(
+            "--archive",
+            default=None,
+            metavar="DIR",
+            help="also archive what was taken in, raw and timed, to rotating gzip files in "
+            "DIR (`produce replay --archive DIR` replays it)",
+        )
+    bluesky.set_defaults(func=cmd_produce_bluesky)
+    mastodon.set_defaults(func=cmd_produce_mastodon)
     replay = sources.add_parser(
         "replay", help="re-produce an archive or a topic of tweets, keeping their timing"
     )

@@ -41,6 +41,13 @@ VALUES: dict[str, dict[str, Any]] = {
         "source": "twitter",
         "ingested_at_ms": 1715623451123.5,
         "replay_run_id": None,
+        "network": "x",
+        "post_id": "1790000000000000001",
+        "post_url": "https://x.com/i/web/status/1790000000000000001",
+        "langs": ["en"],
+        "tags": ["photography"],
+        "operation": "create",
+        "revision": None,
     },
     "ImageEvent": {
         "tweet_id": "1790000000000000001",
@@ -71,6 +78,7 @@ VALUES: dict[str, dict[str, Any]] = {
         "thumbnail": b"\xff\xd8\xff\xdbthumb\xff\xd9",
         "timestamps": {"ingested": 1715623451123.5, "inferred": 1715623451301.25},
         "cached": False,
+        "retraction": False,
     },
     "ShedRecord": {
         "tweet_id": "1790000000000000003",

@@ -171,8 +171,9 @@ def test_twitter_producer_archives_every_line_as_received(make_settings, tmp_pat
 
     asyncio.run(main())
     got = list(read_archive(tmp_path / "x"))
-    assert [line for _, line in got] == feed[:2] + [b"{oops"] + feed[2:]
-    assert all(t is not None and t > 1e12 for t, _ in got)
+    assert [a.line for a in got] == feed[:2] + [b"{oops"] + feed[2:]
+    assert all(a.t_ms is not None and a.t_ms > 1e12 for a in got)
+    assert {a.line_format for a in got} == {None}  # X lines, as archives always held them
 
 
 # The `produce replay` command, in process ---------------------------------------------

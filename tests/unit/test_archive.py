@@ -52,14 +52,13 @@ def test_rotates_by_size_with_sortable_names_and_reads_back_in_order(tmp_path: P
     )
     assert not list(tmp_path.glob("*.part"))
     back = list(read_archive(tmp_path))
-    assert [entry for _, entry in back] == [line(n) for n in range(20)] + [b"{oops not json \xff"]
-    times = [t for t, _ in back]
+    assert [a.line for a in back] == [line(n) for n in range(20)] + [b"{oops not json \xff"]
+    assert {a.line_format for a in back} == {None}  # X lines: no format, as always
+    times = [a.t_ms for a in back]
     assert times[0] == pytest.approx(1_700_000_000_000.0)
     assert times[:20] == sorted(times[:20])
     # One file alone reads too, and every file is a whole gzip stream.
-    assert [e for _, e in read_archive(files[0])] == [
-        e for _, e in back[: len(list(read_archive(files[0])))]
-    ]
+    assert list(read_archive(files[0])) == back[: len(list(read_archive(files[0])))]
     for f in files:
         with gzip.open(f, "rb") as g:
             assert all(json.loads(raw)["t"] > 0 for raw in g.read().splitlines())
@@ -78,7 +77,7 @@ def test_rotates_by_age_and_open_file_is_a_part(tmp_path: Path) -> None:
     assert len(archive.closed_files) == 1
     archive.close()
     assert len(archive_files(tmp_path)) == 2 and not list(tmp_path.glob("*.part"))
-    assert [e["data"]["id"] for _, e in read_archive(tmp_path)] == ["1000", "1001", "1002"]
+    assert [a.line["data"]["id"] for a in read_archive(tmp_path)] == ["1000", "1001", "1002"]
 
 
 def test_same_second_restart_does_not_overwrite(tmp_path: Path) -> None:
@@ -87,7 +86,7 @@ def test_same_second_restart_does_not_overwrite(tmp_path: Path) -> None:
         with StreamArchive(tmp_path, clock=clock) as archive:
             archive.write(line(n))
     assert len(archive_files(tmp_path)) == 2
-    assert [e["data"]["id"] for _, e in read_archive(tmp_path)] == ["1000", "1001"]
+    assert [a.line["data"]["id"] for a in read_archive(tmp_path)] == ["1000", "1001"]
 
 
 def test_cut_part_file_reads_up_to_the_cut(tmp_path: Path) -> None:
@@ -99,16 +98,42 @@ def test_cut_part_file_reads_up_to_the_cut(tmp_path: Path) -> None:
     cut.write_bytes(data[: len(data) // 2])
     got = list(read_archive(cut))
     assert 0 < len(got) < 200
-    assert [e for _, e in got] == [line(n) for n in range(len(got))]
+    assert [a.line for a in got] == [line(n) for n in range(len(got))]
 
 
 def test_plain_json_lines_have_no_times(tmp_path: Path) -> None:
     plain = tmp_path / "saved.jsonl"
     plain.write_text(json.dumps(line(0)) + "\n\n" + "not json\r\n" + json.dumps(line(1)) + "\n")
-    assert list(read_archive(plain)) == [(None, line(0)), (None, b"not json"), (None, line(1))]
+    assert list(read_archive(plain)) == [
+        (None, line(0), None),
+        (None, b"not json", None),
+        (None, line(1), None),
+    ]
     gz = tmp_path / "saved.jsonl.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     assert list(read_archive(gz)) == list(read_archive(plain))
+
+
+def test_lines_of_other_sources_name_their_format_and_old_archives_read_the_same(
+    tmp_path: Path,
+) -> None:
+    with StreamArchive(tmp_path / "a") as archive:
+        archive.write(line(0), t_ms=1.0)
+        archive.write({"event": {"did": "did:plc:x"}}, t_ms=2.0, line_format="bluesky")
+        archive.write(b"{cut", t_ms=3.0, line_format="bluesky")
+    assert list(read_archive(tmp_path / "a")) == [
+        (1.0, line(0), None),
+        (2.0, {"event": {"did": "did:plc:x"}}, "bluesky"),
+        (3.0, b"{cut", "bluesky"),
+    ]
+    with gzip.open(archive.closed_files[0], "rt") as f:
+        stored = [json.loads(raw) for raw in f]
+    assert stored[0] == {"t": 1.0, "line": line(0)}  # what older versions wrote and read
+    assert stored[1]["format"] == "bluesky"
+    # An object with a format that is not a string is no archive record: a plain line.
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"t": 1, "format": 7, "line": {}}) + "\n")
+    assert list(read_archive(odd)) == [(None, {"t": 1, "format": 7, "line": {}}, None)]
 
 
 def test_parse_speed_and_bounds() -> None:

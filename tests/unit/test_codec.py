@@ -25,6 +25,17 @@ from tests.samples import TOPICS, VALUES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
+#: What a reader of today's Tweet fills in for data written before the source-neutral fields.
+TWEET_DEFAULTS = {
+    "network": "x",
+    "post_id": None,
+    "post_url": None,
+    "langs": [],
+    "tags": [],
+    "operation": "create",
+    "revision": None,
+}
+
 
 def _shipped(record: str) -> dict[str, Any]:
     return json.loads((SCHEMA_DIR / f"{record}.avsc").read_text(encoding="utf-8"))
@@ -38,9 +49,11 @@ def _tweet_v2() -> dict[str, Any]:
 
 
 def _tweet_v0() -> dict[str, Any]:
-    """Tweet before `source` and `replay_run_id` existed: an older writer."""
+    """Tweet before `source`, `replay_run_id` and the open networks' fields existed: an
+    older writer."""
     schema = _shipped("Tweet")
-    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("source", "replay_run_id")]
+    added = ("source", "replay_run_id", *TWEET_DEFAULTS)
+    schema["fields"] = [f for f in schema["fields"] if f["name"] not in added]
     return schema
 
 
@@ -234,7 +247,8 @@ def test_data_written_by_every_release_stays_readable(
 
 
 def test_older_writer_needs_registering() -> None:
-    value = {k: v for k, v in VALUES["Tweet"].items() if k not in ("source", "replay_run_id")}
+    added = ("source", "replay_run_id", *TWEET_DEFAULTS)
+    value = {k: v for k, v in VALUES["Tweet"].items() if k not in added}
     old_bytes = _single_object(_tweet_v0(), value)
     codec = Codec()
     with pytest.raises(CodecError, match="unknown schema fingerprint"):
@@ -244,6 +258,7 @@ def test_older_writer_needs_registering() -> None:
         **value,
         "source": "unknown",
         "replay_run_id": None,
+        **TWEET_DEFAULTS,
     }
 
 
@@ -252,12 +267,13 @@ def test_release_schemas_are_known_writers(monkeypatch: pytest.MonkeyPatch) -> N
     # makes its single-object bytes readable with no registering at all.
     import schemas.codec
 
-    value = {k: v for k, v in VALUES["Tweet"].items() if k not in ("source", "replay_run_id")}
+    added = ("source", "replay_run_id", *TWEET_DEFAULTS)
+    value = {k: v for k, v in VALUES["Tweet"].items() if k not in added}
     old_bytes = _single_object(_tweet_v0(), value)
     older = schemas.codec._build_schema(_tweet_v0(), origin="history/0.0.9/Tweet.avsc")
     monkeypatch.setattr(schemas.codec, "_HISTORY", [older])
     decoded = Codec().decode("Tweet", old_bytes)
-    assert decoded == {**value, "source": "unknown", "replay_run_id": None}
+    assert decoded == {**value, "source": "unknown", "replay_run_id": None, **TWEET_DEFAULTS}
 
 
 def test_unresolvable_writer_schema() -> None:

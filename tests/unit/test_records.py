@@ -133,3 +133,23 @@ def test_builders_make_records_the_codec_writes_and_reads_back() -> None:
     }
     for name, value in built.items():
         assert codec.decode(name, codec.encode(name, value)) == value, name
+
+
+def test_deletions_and_retractions_encode_and_a_retraction_withdraws_only_earlier_results() -> None:
+    codec = Codec()
+    gone = records.deletion(
+        id="at://did:plc:a/app.bsky.feed.post/1", network="bluesky", source="bluesky",
+        ingested_at_ms=5.0, revision="r2",
+    )  # fmt: skip
+    assert gone["operation"] == "delete" and gone["text"] == "" and gone["media"] == []
+    assert codec.decode("Tweet", codec.encode("Tweet", gone)) == gone
+    withdrawal = records.retraction(tweet=gone, timestamps={"received": 6.0})
+    assert withdrawal["timestamps"] == {"ingested": 5.0, "received": 6.0}
+    assert codec.decode("HashtagResult", codec.encode("HashtagResult", withdrawal)) == withdrawal
+    earlier = {"tweet_id": gone["id"], "timestamps": {"ingested": 4.0}, "retraction": False}
+    assert records.retracts(withdrawal, earlier)
+    assert not records.retracts(withdrawal, {**earlier, "timestamps": {"ingested": 5.0}})
+    assert not records.retracts(withdrawal, {**earlier, "tweet_id": "other"})
+    assert not records.retracts(earlier, earlier)  # a result withdraws nothing
+    with pytest.raises(ValueError, match="operation"):
+        records.tweet(id="1", text="", source="t", ingested_at_ms=0, operation="edit")

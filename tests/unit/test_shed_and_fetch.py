@@ -154,6 +154,26 @@ def test_repeated_photos_are_answered_from_the_cache_without_fetch_or_inference(
     assert cache.hits == 2 and cache.misses == 1
 
 
+def test_a_deletion_ends_as_one_retraction_and_an_edit_retracts_before_its_own_results() -> None:
+    stage, codec, fetcher = make()
+    gone = dict(tweet("at://did:plc:a/app.bsky.feed.post/1"), operation="delete", text="")
+    gone["media"], gone["ingested_at_ms"] = [], 5.0
+    (out,) = run(stage, codec, codec.encode("Tweet", gone))
+    assert out[0] == "hashtags" and out[1]["retraction"] is True
+    assert out[1]["tweet_id"] == gone["id"] and out[1]["timestamps"]["ingested"] == 5.0
+    assert out[1]["media_key"] == "" and out[1]["hashtags"] == [] and fetcher.urls == []
+
+    edited = dict(tweet("m1", ("photo", "http://h/new.jpg")), operation="update")
+    out = run(stage, codec, codec.encode("Tweet", edited))
+    assert [topic for topic, _ in out] == ["hashtags", "images"]
+    assert out[0][1]["retraction"] and out[0][1]["tweet_id"] == "m1"
+    assert out[1][1]["media_key"] == "m1_0" and fetcher.urls == ["http://h/new.jpg"]
+    # An edit that took the photos away: the retraction, and the version is shed.
+    bare = dict(tweet("m2", ("video", None)), operation="update")
+    out = run(stage, codec, codec.encode("Tweet", bare))
+    assert [topic for topic, _ in out] == ["hashtags", "tweets.shed"]
+
+
 def test_garbage_is_a_dead_letter_with_its_bytes() -> None:
     stage, codec, _ = make()
     (out,) = run(stage, codec, b"\xc3\x01garbage", offset=3)

@@ -185,7 +185,7 @@ def test_sink_writes_jsonl_and_thumbs(tmp_path: Path) -> None:
     sink.flush()
     lines = read_lines(tmp_path / "samples.jsonl")
     assert [line["tweet_id"] for line in lines][-1] == "t3"
-    assert sink.stats() == {"seen": 3, "sampled": 3}
+    assert sink.stats() == {"seen": 3, "sampled": 3, "withdrawn": 0}
     assert [s["seq"] for s in sink.samples()] == [3, 2, 1]
     assert [s["seq"] for s in sink.samples(after=1)] == [3, 2]
     assert [s["seq"] for s in sink.samples(after=0, limit=1)] == [3]
@@ -223,13 +223,45 @@ def test_sink_keeps_newest_and_reloads_after_restart(tmp_path: Path) -> None:
     again = SampledSink(out_dir=tmp_path, window_s=10, per_window=100, keep=5, clock=FakeClock())
     assert [s["tweet_id"] for s in again.samples()] == [s["tweet_id"] for s in kept]
     assert again.last_seq == 12
-    assert again.stats() == {"seen": 0, "sampled": 0}
+    assert again.stats() == {"seen": 0, "sampled": 0, "withdrawn": 0}
     with (tmp_path / "samples.jsonl").open("a") as fh:
         fh.write("\n")
     again.add(result(99))
     again.flush()
     assert again.samples(after=12)[0]["tweet_id"] == "t99"
     assert again.samples(after=12)[0]["seq"] == 13  # seq continues across restarts
+
+
+def withdrawal(tweet_id: str, ingested: float) -> dict[str, Any]:
+    from schemas.records import retraction
+
+    post = {"id": tweet_id, "source": "test", "ingested_at_ms": ingested}
+    return dict(retraction(tweet=post, timestamps={}))
+
+
+def test_a_retraction_withdraws_earlier_results_held_shown_and_still_to_come(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    sink = SampledSink(out_dir=tmp_path, window_s=10, per_window=10, clock=clock)
+    sink.add(result(1, thumbnail=jpeg_bytes()))
+    sink.add(result(2))
+    sink.flush()  # both shown
+    sink.add({**result(3), "tweet_id": "t1", "media_key": "3_1b"})  # t1's 2nd photo, held
+    sink.add(result(4))
+    sink.add(withdrawal("t1", ingested=1001.0))  # results were ingested at 1000
+    # A photo of t1 that comes after its retraction, and t2's edit retracting t2.
+    sink.add({**result(5), "tweet_id": "t1", "media_key": "3_1c"})
+    sink.add(withdrawal("t2", ingested=1001.0))
+    sink.add({**result(6), "tweet_id": "t2", "timestamps": {"ingested": 1001.0}})  # new version
+    sink.flush()
+    assert [s["tweet_id"] for s in sink.samples()] == ["t2", "t4"]
+    assert sink.samples()[0]["media_key"] == "3_6"
+    assert sink.stats() == {"seen": 5, "sampled": 4, "withdrawn": 4}
+    # A retraction is never a sample itself, and a restart does not bring them back.
+    again = SampledSink(out_dir=tmp_path, window_s=10, per_window=10, clock=FakeClock())
+    assert [s["tweet_id"] for s in again.samples()] == ["t2", "t4"]
+    assert (tmp_path / "thumbs" / "3_1.jpg").exists()  # files stay; the page stops asking
 
 
 def test_sink_is_thread_safe(tmp_path: Path) -> None:
@@ -301,7 +333,7 @@ def test_api_samples_after_filtering(tmp_path: Path) -> None:
             data = await resp.json()
         assert [s["seq"] for s in data["samples"]] == [4, 3, 2, 1]
         assert data["last_seq"] == 4
-        assert data["stats"] == {"seen": 4, "sampled": 4}
+        assert data["stats"] == {"seen": 4, "sampled": 4, "withdrawn": 0}
         assert all("thumbnail" not in s for s in data["samples"])
         async with session.get(url + "api/samples?after=2") as resp:
             assert [s["seq"] for s in (await resp.json())["samples"]] == [4, 3]
