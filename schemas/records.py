@@ -174,6 +174,8 @@ class HashtagResult(TypedDict):
     model_id: str
     model_version: str
     consumer_id: str
+    provider: str
+    precision: str
     source: str
     replay_run_id: str | None
     thumbnail: bytes | None
@@ -189,6 +191,8 @@ def hashtag_result(
     model_id: str,
     model_version: str,
     consumer_id: str = "",
+    provider: str = "",
+    precision: str = "",
     thumbnail: bytes | None = None,
     timestamps: Mapping[str, float] | None = None,
 ) -> HashtagResult:
@@ -204,6 +208,8 @@ def hashtag_result(
         model_id=model_id,
         model_version=model_version,
         consumer_id=consumer_id,
+        provider=provider,
+        precision=precision,
         source=event.get("source") or "unknown",
         replay_run_id=event.get("replay_run_id"),
         thumbnail=thumbnail,

@@ -214,20 +214,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from models.demo import ensure_demo_model
     from models.runtime import OnnxClassifier
     from processors.inference import InferenceConsumer
 
     settings = get_settings()
-    model_dir = args.model_dir or settings.model_dir or ensure_demo_model(settings.data_dir)
-    classifier = OnnxClassifier(
-        model_dir, provider=settings.ort_provider, intra_op_threads=settings.ort_intra_op_threads
-    )
+    model_dir = args.model_dir or settings.model_dir
+    if model_dir is None:
+        # Imported only when needed, for start-up time: training the demo model loads torch,
+        # which serving a given model never does.
+        from models.demo import ensure_demo_model
+
+        model_dir = ensure_demo_model(settings.data_dir)
+    classifier = OnnxClassifier.from_settings(model_dir, settings)
     stop = _stop_on_signals()
     stats = InferenceConsumer(settings, classifier).run(stop=stop)
     print(
-        f"inference: {stats.images} images in {stats.batches} batches, "
-        f"{stats.images_per_busy_s:.1f} images/s while busy, {stats.dead_letters} dead letters",
+        f"inference: {stats.images} images in {stats.batches} batches "
+        f"(mean {stats.mean_batch:.1f}), {stats.images_per_s:.1f} images/s, "
+        f"{stats.dead_letters} dead letters; {stats.provider} {stats.precision}, "
+        f"decode on {stats.decode_device}",
         flush=True,
     )
     return 0
