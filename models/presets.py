@@ -40,6 +40,10 @@ class ServingPreset:
             raise ValueError("resize_size must be at least input_size")
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        values = np.arange(256, dtype=np.float32)[None, :] / 255.0
+        self._lookup = ((values - self.mean.reshape(3, 1)) / self.std.reshape(3, 1)).astype(
+            np.float32
+        )
 
     def decode(self, data: bytes) -> Image.Image:
         """Decode bytes to RGB; JPEGs are decoded at a reduced scale with `draft()` first."""
@@ -69,13 +73,20 @@ class ServingPreset:
 
     def to_array(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         """CHW, scaled to [0,1] and normalized; written into `out` (a row of a preallocated
-        batch, any float type) when given, so a batch needs no stacking copy."""
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        if out is None:
-            return (array - self.mean) / self.std
-        np.subtract(array, self.mean, out=array)
-        np.divide(array, self.std, out=out, casting="same_kind")
-        return out
+        batch) when given, so a batch needs no stacking copy."""
+        pixels = np.asarray(image)
+        height, width = pixels.shape[:2]
+        if out is None or out.dtype != np.float32:
+            target = np.empty((3, height, width), dtype=np.float32)
+        else:
+            target = out
+        # (v / 255 - mean) / std for each of the 256 values of each channel, looked up.
+        for channel in range(3):
+            np.take(self._lookup[channel], pixels[..., channel], out=target[channel])
+        if out is not None and target is not out:
+            out[...] = target
+            return out
+        return target
 
     def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         return self.to_array(self.resize_crop(image.convert("RGB")), out)

@@ -213,6 +213,36 @@ def model_table(
     return rows
 
 
+def pruned_int8_resnet50(
+    folder: Path, *, input_size: int = 224, fraction: float = 0.5, classes: int = 13
+) -> Path:
+    """A served model with the cost of ours at `input_size`: a ResNet50 with random weights
+    (speed, not accuracy), one APoZ round removing `fraction` of the prunable channels
+    (measured on demo images), exported to ONNX and quantized to static QDQ INT8 (calibrated
+    on demo images), with its manifest. Built once into `folder`; reused after."""
+    if (folder / "manifest.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    preset = ServingPreset(input_size=input_size)
+    images = np.stack(
+        [
+            preset(render_demo_image(name, seed, size=input_size))
+            for name in DEMO_CLASSES
+            for seed in range(2)
+        ]
+    )
+    model = build_resnet50(classes, weights=None).eval()
+    loader = [(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))]
+    report = prune_round(
+        model, loader, rule="top-fraction", fraction=fraction, input_size=input_size
+    )
+    print(f"pruned: {report}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = _save_with_manifest(model, Path(scratch) / "fp32", input_size)
+        make_variant(fp32, folder, "int8", calibration=list(np.array_split(images, 4)))
+    return folder
+
+
 def print_model_table(rows: list[ModelRow]) -> None:
     base = rows[0]
     with_accuracy = base.accuracy is not None

@@ -63,10 +63,14 @@ class Batch:
 
 
 def make_thumbnail(image: Image.Image, edge: int) -> bytes | None:
+    """A JPEG that fits in edge x edge (as `Image.thumbnail` sizes it), for the gallery.
+    Bilinear, not thumbnail()'s bicubic: half the cost, and a thumbnail does not show it."""
     if edge <= 0:
         return None
-    thumb = image.copy()
-    thumb.thumbnail((edge, edge))
+    width, height = image.size
+    scale = min(1.0, edge / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    thumb = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     thumb.save(buffer, format="JPEG", quality=80)
     return buffer.getvalue()

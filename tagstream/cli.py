@@ -274,7 +274,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from tagstream.pipeline_bench import run_bench
 
-    return run_bench(get_settings(), images=args.images)
+    return run_bench(get_settings(), images=args.images, backlog=args.backlog)
 
 
 #: The model commands: name, the module whose ``main(args)`` runs it, and the builder of its
@@ -441,6 +441,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
+    bench.add_argument(
+        "--backlog",
+        type=int,
+        default=200,
+        help="photos of the smaller backlog the consumer's peak RSS is measured under; the "
+        "larger is ten times that (default: 200)",
+    )
     bench.add_argument(
         "--models",
         action="store_true",
