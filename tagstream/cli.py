@@ -227,7 +227,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         model_dir = ensure_demo_model(settings.data_dir)
     classifier = OnnxClassifier.from_settings(model_dir, settings)
     stop = _stop_on_signals()
-    stats = InferenceConsumer(settings, classifier).run(stop=stop)
+    stats = InferenceConsumer(settings, classifier, group_id=args.group).run(stop=stop)
     print(
         f"inference: {stats.images} images in {stats.batches} batches "
         f"(mean {stats.mean_batch:.1f}), {stats.images_per_s:.1f} images/s, "
@@ -256,6 +256,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     manifest = Manifest.load(folder)
     print(f"{folder}\n{manifest.name}: {manifest.metrics}")
     return 0
+
+
+def cmd_device_bench(args: argparse.Namespace) -> int:
+    from tagstream.device_bench import run_device_bench
+
+    return run_device_bench(
+        get_settings(), out=Path(args.out), cpu_dry_run=args.cpu_dry_run, budget_s=args.budget_s
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -425,6 +433,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--model-dir", default=None, help="default: settings.model_dir or the demo model"
     )
+    infer.add_argument(
+        "--group",
+        default=None,
+        help="consumer group (default: <topic prefix>tagstream-inference); a new group "
+        "reads the images topic from its beginning",
+    )
     infer.set_defaults(func=cmd_infer)
 
     commands.add_parser("sink", help="run the sampled sink and its gallery").set_defaults(
@@ -479,6 +493,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="for --models: distilled fine-tune epochs after pruning (default: 3)",
     )
     bench.set_defaults(func=cmd_bench)
+
+    device = commands.add_parser(
+        "device-bench",
+        help="the GPU figures of scripts/device_check.sh: model alone (CUDA and TensorRT, "
+        "FP16 and INT8), GPU decode alone, consumers end to end; JSON and Markdown",
+    )
+    device.add_argument("--out", required=True, help="folder for device_bench.json and .md")
+    device.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="the same steps on the CPU with tiny sizes, to check the script (default: off)",
+    )
+    device.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="seconds for all the figures; later steps shrink to fit (default: 330)",
+    )
+    device.set_defaults(func=cmd_device_bench)
     return parser
 
 

@@ -51,7 +51,7 @@ from infra.topics import ensure_topics
 from models.demo import ensure_demo_model
 from models.resnet import build_resnet50
 from models.runtime import OnnxClassifier
-from models.variant_bench import pruned_int8_resnet50
+from models.variant_bench import pruned_resnet50_variants
 from processors.decoding import make_thumbnail
 from processors.inference import InferenceConsumer, InferenceStats
 from schemas import records
@@ -405,9 +405,9 @@ def run_bench(settings: Settings, *, images: int = 512, backlog: int = 200) -> i
     mean_kb = np.mean([len(p) for p in photos[:UNIQUE_PHOTOS]]) / 1000
     demo_dir = Path(settings.model_dir or ensure_demo_model(settings.data_dir))
     progress("building (once) the 224x224 pruned INT8 ResNet50 (random weights)")
-    pruned_dir = pruned_int8_resnet50(
-        settings.data_dir / "models" / "bench-resnet50-pruned50-int8-224"
-    )
+    pruned_dir = pruned_resnet50_variants(
+        settings.data_dir / "models" / "bench-resnet50-pruned50-224"
+    )["int8"]
     broker = None
     if not settings.kafka_bootstrap:
         broker = EmbeddedBroker().start()
