@@ -176,11 +176,15 @@ class DeviceDecoder:
         rows = [i for i, p in enumerate(batch.prepared) if _decode_event(self.codec, p)]
         datas = [batch.prepared[i].event["image"] for i in rows]  # type: ignore[index]
         buffer = self.buffers[batch.slot]
-        decoded = self.preset.decode_into(datas, buffer, rows=rows) if rows else []
-        if self.device != "cpu":
-            # The model thread hands this buffer to ONNX Runtime, on its own stream: the
-            # decode's kernels must be done first.
-            self.preset.torch.cuda.current_stream(self.device).synchronize()
+        if self.device == "cpu":
+            decoded = self.preset.decode_into(datas, buffer, rows=rows) if rows else []
+        else:
+            cuda = self.preset.torch.cuda
+            with cuda.device(self.device):
+                decoded = self.preset.decode_into(datas, buffer, rows=rows) if rows else []
+                # The model thread hands this buffer to ONNX Runtime, which reads it on its
+                # own stream: the decode's kernels must be done first.
+                cuda.current_stream().synchronize()
         done = now_ms()
         for row, result in zip(rows, decoded, strict=True):
             prepared = batch.prepared[row]
