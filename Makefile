@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration bench lint clean
+.PHONY: install demo test test-unit test-integration bench device-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/tagstream bench
 	$(VENV)/bin/tagstream bench --models
+
+# On a machine with an NVIDIA GPU: the GPU tests and figures into OUT (scripts/device_check.sh).
+OUT ?= device-check
+device-check:
+	scripts/device_check.sh $(OUT)
 
 # Style, and the one-way layers of docs/architecture.md (import-linter, pyproject.toml).
 lint: $(STAMP)

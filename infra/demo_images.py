@@ -486,6 +486,30 @@ def render_demo_jpeg(cls: str, seed: int, *, size: int = 160, quality: int = 90)
     return buf.getvalue()
 
 
+def render_demo_photo(cls: str, seed: int, *, width: int = 1200, height: int = 900) -> Image.Image:
+    """A demo image the size tweets carry (X serves photos up to 1200x900): the square
+    demo image at `height`, widened to `width` by mirroring its sides, so a centre crop
+    sees exactly the square demo image (and the demo model its class), while the pixels
+    keep the square image's noise, which makes the JPEG as large as a real photo's."""
+    if width < height:
+        raise ValueError(f"a landscape photo: width {width} must be at least height {height}")
+    square = np.asarray(render_demo_image(cls, seed, size=height))
+    left = (width - height) // 2
+    wide = np.pad(square, ((0, 0), (left, width - height - left), (0, 0)), mode="reflect")
+    return Image.fromarray(wide, "RGB")
+
+
+def render_demo_photo_jpeg(
+    cls: str, seed: int, *, width: int = 1200, height: int = 900, quality: int = 85
+) -> bytes:
+    """`render_demo_photo` as a JPEG (about 160 KB at 1200x900, as a tweet's photo)."""
+    buf = io.BytesIO()
+    render_demo_photo(cls, seed, width=width, height=height).save(
+        buf, format="JPEG", quality=quality
+    )
+    return buf.getvalue()
+
+
 def write_demo_image_folder(root: Path, *, per_class: int, size: int, seed: int) -> None:
     """Write ``root/<class>/<n>.png`` for n in ``range(per_class)``, an ImageFolder tree.
 

@@ -1,7 +1,8 @@
 """The demo image host: serves the synthetic tweets' photos, and faults on purpose.
 
 `producers.synthetic` writes photo URLs that point here. ``/img/`` answers a demo JPEG of
-a known class (so the class is the ground truth, see `truth_from_url`); the other routes
+a known class (so the class is the ground truth, see `truth_from_url`), ``/photo/`` the
+same class as a photo the size tweets carry (1200x900, about 160 KB); the other routes
 misbehave the ways real image hosts do, to exercise the fetcher's defences in tests and
 demos: slow bodies, error statuses, HTML served as a JPEG, endless bodies, corrupt JPEGs
 and redirects.
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
-from infra.demo_images import DEMO_CLASSES, render_demo_jpeg
+from infra.demo_images import DEMO_CLASSES, render_demo_jpeg, render_demo_photo_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ HUGE_BYTES_SENT = web.AppKey("huge_bytes_sent", ByteCounter)
 _JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 _CHUNK = 64 * 1024
 _MAX_DELAY_S = 600.0
-_TRUTH_PATH = re.compile(r"^/(?:img|slow)/([^/]+)/(-?\d+)\.jpg$")
+_TRUTH_PATH = re.compile(r"^/(?:img|slow|photo)/([^/]+)/(-?\d+)\.jpg$")
 
 
 @lru_cache(maxsize=4096)
@@ -69,6 +70,16 @@ def _float_query(request: web.Request, name: str, default: float, *, hi: float) 
 async def _img(request: web.Request) -> web.Response:
     cls, seed = _class_and_seed(request)
     return web.Response(body=_jpeg(cls, seed), content_type="image/jpeg")
+
+
+@lru_cache(maxsize=512)
+def _photo_jpeg(cls: str, seed: int) -> bytes:
+    return render_demo_photo_jpeg(cls, seed)
+
+
+async def _photo(request: web.Request) -> web.Response:
+    cls, seed = _class_and_seed(request)
+    return web.Response(body=_photo_jpeg(cls, seed), content_type="image/jpeg")
 
 
 async def _slow(request: web.Request) -> web.StreamResponse:
@@ -143,6 +154,7 @@ def make_image_app() -> web.Application:
     app = web.Application()
     app[HUGE_BYTES_SENT] = ByteCounter()
     app.router.add_get(r"/img/{cls}/{seed:-?\d+}.jpg", _img)
+    app.router.add_get(r"/photo/{cls}/{seed:-?\d+}.jpg", _photo)
     app.router.add_get(r"/slow/{cls}/{seed:-?\d+}.jpg", _slow)
     app.router.add_get(r"/status/{code:\d{3}}/{name}", _status)
     app.router.add_get(r"/html/{name}.jpg", _html)
@@ -188,7 +200,7 @@ def run_image_server(host: str = "127.0.0.1", port: int = 8089) -> None:
 
 
 def truth_from_url(url: str) -> str | None:
-    """The class a demo photo URL shows (``/img/`` and ``/slow/`` routes), else None."""
+    """The class a demo photo URL shows (``/img/``, ``/photo/`` and ``/slow/``), else None."""
     match = _TRUTH_PATH.match(urlsplit(url).path)
     if match is None or match.group(1) not in DEMO_CLASSES:
         return None

@@ -15,7 +15,7 @@ reports) and the sink (dead letters). It
   error, keyed by media key, tweet id or the source key, in that order.
 
 Delivery reports are served by `poll()`/`flush()` on the caller's thread, or, once
-`send_async` is used, by a poller thread of its own.
+`send_async` or `start_polling` is used, by a poller thread of its own.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class RecordProducer:
         def settle(error: Exception | None) -> None:
             loop.call_soon_threadsafe(_settle, future, error)
 
-        self._start_poller()
+        self.start_polling()
         self.send_raw(full_topic, key=key, value=payload, on_delivery=settle)
         return future
 
@@ -234,7 +234,9 @@ class RecordProducer:
         futures = [self._send_raw_async(full, key, payload) for (full, payload), key in encoded]
         await asyncio.gather(*futures)
 
-    def _start_poller(self) -> None:
+    def start_polling(self) -> None:
+        """Serve delivery reports on a poller thread of this producer's own (idempotent), so
+        `on_delivery` callbacks run there and producing never waits for them."""
         with self._lock:
             if self._poller is not None:
                 return

@@ -104,10 +104,39 @@ class Settings(BaseSettings):
     )
 
     # Inference -----------------------------------------------------------------
-    batch_max_size: int = Field(32, ge=1)
-    batch_max_wait_ms: int = Field(50, ge=0)
+    batch_max_size: int = Field(32, ge=1, description="images per model run, at most")
+    batch_max_wait_ms: int = Field(
+        50,
+        ge=0,
+        description="longest a batch holds its first image while the model is busy; never "
+        "waited when the model is idle",
+    )
+    pipeline_depth: int = Field(
+        3,
+        ge=2,
+        description="batches in flight between consume and the model (each has its own "
+        "preallocated input buffer): bounds memory under any backlog",
+    )
+    commit_interval_ms: int = Field(
+        1000, ge=100, description="how often delivered offsets are committed (librdkafka)"
+    )
     decode_workers: int = Field(2, ge=1, description="threads decoding and resizing images")
+    decode_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where JPEGs are decoded: cuda decodes batches with nvJPEG on the GPU "
+        "(torchvision); auto does so when the model really runs on CUDA or TensorRT",
+    )
     ort_provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    ort_precision: Literal["model", "fp16", "int8"] = Field(
+        "model",
+        description="model: the model file's own precision; fp16/int8 ask TensorRT to build "
+        "its engine in that precision (tensorrt only; int8 needs a QDQ INT8 model)",
+    )
+    ort_allow_fallback: bool = Field(
+        False,
+        description="run on the CPU when the CUDA/TensorRT provider cannot start, instead of "
+        "refusing to start",
+    )
     ort_intra_op_threads: int = Field(0, ge=0, description="0 lets ONNX Runtime choose")
     thumbnail_px: int = Field(160, ge=0, description="thumbnail edge carried on results; 0: none")
     consumer_id: str | None = Field(None, description="inference consumer id; default host-pid")
@@ -164,6 +193,15 @@ class Settings(BaseSettings):
     def _session_timeout_allows_batches(self) -> Settings:
         if self.batch_max_wait_ms >= self.session_timeout_ms:
             raise ValueError("batch_max_wait_ms must be well below session_timeout_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_needs_tensorrt(self) -> Settings:
+        if self.ort_precision != "model" and self.ort_provider != "tensorrt":
+            raise ValueError(
+                f"ort_precision={self.ort_precision} is a TensorRT build option: set "
+                "ort_provider=tensorrt, or serve a model exported in that precision"
+            )
         return self
 
     def topic(self, name: str) -> str:

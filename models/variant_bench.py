@@ -213,6 +213,45 @@ def model_table(
     return rows
 
 
+def pruned_resnet50_variants(
+    root: Path,
+    *,
+    input_size: int = 224,
+    fraction: float = 0.5,
+    classes: int = 13,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+) -> dict[str, Path]:
+    """Served models with the cost of ours at `input_size`: a ResNet50 with random weights
+    (speed, not accuracy), one APoZ round removing `fraction` of the prunable channels
+    (measured on demo images), exported to ONNX in FP32 and turned into each of
+    `precisions` (FP16; static QDQ INT8 calibrated on demo images), each in
+    ``root/<precision>`` beside its manifest. Built once; reused after."""
+    folders = {precision: root / precision for precision in ("fp32", *precisions)}
+    if all((folder / "manifest.json").is_file() for folder in folders.values()):
+        return {precision: folders[precision] for precision in precisions}
+    torch.manual_seed(0)
+    preset = ServingPreset(input_size=input_size)
+    images = np.stack(
+        [
+            preset(render_demo_image(name, seed, size=input_size))
+            for name in DEMO_CLASSES
+            for seed in range(2)
+        ]
+    )
+    model = build_resnet50(classes, weights=None).eval()
+    loader = [(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))]
+    report = prune_round(
+        model, loader, rule="top-fraction", fraction=fraction, input_size=input_size
+    )
+    print(f"pruned: {report}", flush=True)
+    fp32 = _save_with_manifest(model, folders["fp32"], input_size)
+    for precision in precisions:
+        if precision != "fp32":
+            calibration = list(np.array_split(images, 4)) if precision == "int8" else None
+            make_variant(fp32, folders[precision], precision, calibration=calibration)
+    return {precision: folders[precision] for precision in precisions}
+
+
 def print_model_table(rows: list[ModelRow]) -> None:
     base = rows[0]
     with_accuracy = base.accuracy is not None

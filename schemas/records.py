@@ -227,6 +227,8 @@ class HashtagResult(TypedDict):
     model_id: str
     model_version: str
     consumer_id: str
+    provider: str
+    precision: str
     source: str
     replay_run_id: str | None
     thumbnail: bytes | None
@@ -244,6 +246,8 @@ def hashtag_result(
     model_id: str,
     model_version: str,
     consumer_id: str = "",
+    provider: str = "",
+    precision: str = "",
     thumbnail: bytes | None = None,
     timestamps: Mapping[str, float] | None = None,
     cached: bool = False,
@@ -260,6 +264,8 @@ def hashtag_result(
         model_id=model_id,
         model_version=model_version,
         consumer_id=consumer_id,
+        provider=provider,
+        precision=precision,
         source=event.get("source") or "unknown",
         replay_run_id=event.get("replay_run_id"),
         thumbnail=thumbnail,
@@ -288,6 +294,8 @@ def retraction(*, tweet: Mapping, timestamps: Mapping[str, float]) -> HashtagRes
         model_id="",
         model_version="",
         consumer_id="",
+        provider="",
+        precision="",
         source=tweet.get("source") or "unknown",
         replay_run_id=tweet.get("replay_run_id"),
         thumbnail=None,

@@ -305,20 +305,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
     settings = get_settings()
     model_dir = args.model_dir or settings.model_dir
     if model_dir is None:
-        # Only without a model folder: the demo model is trained with torch, which a
-        # serving process otherwise never loads.
+        # Imported only when needed, for start-up time: training the demo model loads torch,
+        # which serving a given model never does.
         from models.demo import ensure_demo_model
 
         model_dir = ensure_demo_model(settings.data_dir)
+    # The model first: a model or provider that cannot work is an error at once, not
+    # after waiting for the broker.
+    classifier = OnnxClassifier.from_settings(model_dir, settings)
     wait_for_broker(settings)
-    classifier = OnnxClassifier(
-        model_dir, provider=settings.ort_provider, intra_op_threads=settings.ort_intra_op_threads
-    )
     stop = _stop_on_signals()
-    stats = InferenceConsumer(settings, classifier).run(stop=stop)
+    stats = InferenceConsumer(settings, classifier, group_id=args.group).run(stop=stop)
     print(
-        f"inference: {stats.images} images in {stats.batches} batches, "
-        f"{stats.images_per_busy_s:.1f} images/s while busy, {stats.dead_letters} dead letters",
+        f"inference: {stats.images} images in {stats.batches} batches "
+        f"(mean {stats.mean_batch:.1f}), {stats.images_per_s:.1f} images/s, "
+        f"{stats.dead_letters} dead letters; {stats.provider} {stats.precision}, "
+        f"decode on {stats.decode_device}",
         flush=True,
     )
     return 0
@@ -389,6 +391,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device_bench(args: argparse.Namespace) -> int:
+    from tagstream.device_bench import run_device_bench
+
+    return run_device_bench(
+        get_settings(), out=Path(args.out), cpu_dry_run=args.cpu_dry_run, budget_s=args.budget_s
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.models:
         from models.variant_bench import model_table, print_model_table
@@ -405,7 +415,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from tagstream.pipeline_bench import run_bench
 
-    return run_bench(get_settings(), images=args.images)
+    return run_bench(get_settings(), images=args.images, backlog=args.backlog)
 
 
 #: The model commands: name, the module whose ``main(args)`` runs it, and the builder of its
@@ -627,6 +637,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--model-dir", default=None, help="default: settings.model_dir or the demo model"
     )
+    infer.add_argument(
+        "--group",
+        default=None,
+        help="consumer group (default: <topic prefix>tagstream-inference); a new group "
+        "reads the images topic from its beginning",
+    )
     infer.set_defaults(func=cmd_infer)
 
     commands.add_parser("sink", help="run the sampled sink and its gallery").set_defaults(
@@ -687,6 +703,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="throughput ratios measured in one run")
     bench.add_argument("--images", type=int, default=512, help="images per figure (default: 512)")
     bench.add_argument(
+        "--backlog",
+        type=int,
+        default=200,
+        help="photos of the smaller backlog the consumer's peak RSS is measured under; the "
+        "larger is ten times that (default: 200)",
+    )
+    bench.add_argument(
         "--models",
         action="store_true",
         help="dense/pruned x FP32/INT8 throughput and digits accuracy table instead of the "
@@ -717,6 +740,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="for --models: distilled fine-tune epochs after pruning (default: 3)",
     )
     bench.set_defaults(func=cmd_bench)
+
+    device = commands.add_parser(
+        "device-bench",
+        help="the GPU figures of scripts/device_check.sh: model alone (CUDA and TensorRT, "
+        "FP16 and INT8), GPU decode alone, consumers end to end; JSON and Markdown",
+    )
+    device.add_argument("--out", required=True, help="folder for device_bench.json and .md")
+    device.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="the same steps on the CPU with tiny sizes, to check the script (default: off)",
+    )
+    device.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="seconds for all the figures; later steps shrink to fit (default: 330)",
+    )
+    device.set_defaults(func=cmd_device_bench)
     return parser
 
 

@@ -51,6 +51,7 @@ class KafkaReader:
                 short = self.names[message.topic()]
                 value = self.codec.decode(self.records[short], message.value())
                 value["_key"] = message.key()
+                value["_partition"], value["_offset"] = message.partition(), message.offset()
                 self.found[short].append(value)
         return self.found
 

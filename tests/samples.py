@@ -73,6 +73,8 @@ VALUES: dict[str, dict[str, Any]] = {
         "model_id": "mobilenet_v3_small",
         "model_version": "2024.05.1",
         "consumer_id": "gpu-host-4242",
+        "provider": "tensorrt",
+        "precision": "int8",
         "source": "twitter",
         "replay_run_id": None,
         "thumbnail": b"\xff\xd8\xff\xdbthumb\xff\xd9",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import threading
 
 import pytest
+from PIL import Image
 
-from infra.demo_images import render_demo_jpeg
+from infra.demo_images import render_demo_jpeg, render_demo_photo_jpeg
 from infra.record_producer import RecordProducer
 from models.runtime import OnnxClassifier
+from processors.decoding import DeviceDecoder
 from processors.inference import InferenceConsumer
 from schemas import records
 from schemas.records import ImageEvent, now_ms
@@ -88,6 +91,8 @@ def test_results_dead_letters_and_offsets_committed_after_delivery(
     assert (
         sample["consumer_id"] == "first" and sample["model_version"] == classifier.manifest.version
     )
+    assert (sample["provider"], sample["precision"]) == ("cpu", "fp32")
+    assert {"consumed", "decoded", "inferred", "produced"} <= set(sample["timestamps"])
     assert abs(sum(sample["scores"].values()) - 1.0) < 1e-3
     stages = {d["media_key"]: d["stage"] for d in found["deadletter"]}
     assert stages == {"m40": "decode_image", None: "decode_image_event"}
@@ -97,3 +102,37 @@ def test_results_dead_letters_and_offsets_committed_after_delivery(
     second = InferenceConsumer(settings, classifier, consumer_id="second")
     run_until(second, lambda: False, timeout_s=12)
     assert second.stats.images == 0 and second.stats.dead_letters == 0
+
+
+def test_the_torchvision_decode_path_through_the_consumer(make_settings, demo_model_dir) -> None:
+    """The GPU consumer's decoder (a batch at a time, into a torch buffer the model reads in
+    place), run with torchvision's CPU decoder: photo-size JPEGs, thumbnails, a bad one."""
+    settings = make_settings(batch_max_size=6, model_dir=demo_model_dir, thumbnail_px=48)
+    classifier = OnnxClassifier.from_settings(demo_model_dir, settings)
+    classes = list(classifier.classes)
+    with RecordProducer(settings) as producer:
+        for i in range(13):
+            data = render_demo_photo_jpeg(classes[i], 510_000 + i)
+            producer.send("images", image_event(i, data), key=f"m{i}")
+        producer.send("images", image_event(13, b"GIF89a not really"), key="m13")
+
+    def torch_on_cpu(settings, classifier, codec) -> DeviceDecoder:
+        return DeviceDecoder(
+            classifier, codec, thumbnail_px=settings.thumbnail_px, depth=2, device="cpu"
+        )
+
+    consumer = InferenceConsumer(settings, classifier, consumer_id="torch", decoder=torch_on_cpu)
+    assert consumer.stats.decode_device == "cpu" and isinstance(consumer.decoder, DeviceDecoder)
+    run_until(consumer, lambda: consumer.stats.images + consumer.stats.dead_letters >= 14)
+    assert (consumer.stats.images, consumer.stats.dead_letters) == (13, 1)
+
+    reader = KafkaReader(settings, {"hashtags": "HashtagResult", "deadletter": "DeadLetter"})
+    found = reader.read_until(lambda f: len(f["hashtags"]) >= 13 and f["deadletter"], timeout_s=30)
+    reader.close()
+    top = {r["media_key"]: r["top_class"] for r in found["hashtags"]}
+    right = sum(top[f"m{i}"] == classes[i] for i in range(13))
+    assert right >= 12, top
+    thumbnail = found["hashtags"][0]["thumbnail"]
+    assert thumbnail and max(Image.open(io.BytesIO(thumbnail)).size) == 48
+    (letter,) = found["deadletter"]
+    assert (letter["media_key"], letter["stage"]) == ("m13", "decode_image")

@@ -14,6 +14,8 @@ from infra.demo_images import (
     SEED_BLOCK,
     render_demo_image,
     render_demo_jpeg,
+    render_demo_photo,
+    render_demo_photo_jpeg,
     write_demo_image_folder,
 )
 
@@ -72,3 +74,15 @@ def test_write_demo_image_folder(tmp_path: Path) -> None:
     assert img.size == (32, 32)
     expected = render_demo_image("sheep", SEED_BLOCK + 1, size=32)
     assert img.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_photos_are_tweet_sized_and_centre_on_the_demo_image() -> None:
+    photo = render_demo_photo("cats", 5)
+    assert photo.size == (1200, 900) and photo.mode == "RGB"
+    # The centre crop is the square demo image itself, so the class is the square's.
+    square = render_demo_image("cats", 5, size=900)
+    assert photo.crop((150, 0, 1050, 900)).tobytes() == square.tobytes()
+    sizes = [len(render_demo_photo_jpeg(c, 5)) for c in ("cats", "others", "spider")]
+    assert all(50_000 < n < 400_000 for n in sizes), sizes  # as a real photo's JPEG
+    with pytest.raises(ValueError, match="landscape"):
+        render_demo_photo("cats", 5, width=800, height=900)

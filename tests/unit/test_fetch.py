@@ -16,7 +16,7 @@ from PIL import Image
 from infra.demo_images import render_demo_jpeg
 from infra.exceptions import RejectedFetchError, TransientFetchError
 from infra.fetcher import FetchedImage, ImageFetcher, sniff_image_type
-from infra.image_server import HUGE_BYTES_SENT, start_image_server
+from infra.image_server import HUGE_BYTES_SENT, start_image_server, truth_from_url
 from tests.helpers import Sleeps
 
 
@@ -55,6 +55,17 @@ def test_good_jpeg_is_fetched_and_sniffed() -> None:
         assert got.data == render_demo_jpeg("cats", 7)
         assert got.attempts == 1 and got.final_url == got.url == f"{base}/img/cats/7.jpg"
         assert got.elapsed_ms > 0
+
+    with_server(body)
+
+
+def test_tweet_size_photos_are_served() -> None:
+    async def body(_runner: web.AppRunner, base: str) -> None:
+        async with fetcher(max_bytes=2_000_000) as f:
+            got = await f.fetch(f"{base}/photo/dogs/3.jpg")
+        assert isinstance(got, FetchedImage)
+        assert Image.open(io.BytesIO(got.data)).size == (1200, 900)
+        assert truth_from_url(got.url) == "dogs"
 
     with_server(body)
 

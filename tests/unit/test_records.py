@@ -113,9 +113,12 @@ def test_builders_make_records_the_codec_writes_and_reads_back() -> None:
         scores={"cats": 0.5},  # Avro float: exact in 32 bits,
         model_id="m",
         model_version="1",
+        provider="tensorrt",
+        precision="int8",
         timestamps={"produced": 2.0},
     )
     assert result["timestamps"] == {"ingested": 1.0, "produced": 2.0}
+    assert (result["provider"], result["precision"]) == ("tensorrt", "int8")
     shed = records.shed_record(
         tweet=tweet, reason="no_photo", admission_rate=1, observed_rate=2, tokens=0
     )
