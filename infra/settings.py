@@ -7,6 +7,7 @@ Every process reads its configuration here, once, from the environment (prefix
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -209,6 +210,17 @@ class Settings(BaseSettings):
         if name not in TOPIC_NAMES:
             raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPIC_NAMES)}")
         return f"{self.topic_prefix}{name}"
+
+    def to_env(self, **extra: str) -> dict[str, str]:
+        """The TAGSTREAM_ variables that make a child process see these settings (secrets
+        and librdkafka extras left out: a child reads those from its own environment)."""
+        env = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            if name in ("x_bearer_token", "kafka_extra", "mastodon_token"):
+                continue
+            key = f"TAGSTREAM_{name.upper()}"
+            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        return env | extra
 
     @property
     def resolved_sink_dir(self) -> Path:

@@ -98,8 +98,15 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
     base = (
         args.image_base_url or f"http://{settings.image_server_host}:{settings.image_server_port}"
     )
+    # --photos-only: one good photo per tweet, for benchmarks that count images.
+    only = dict.fromkeys(
+        ("fault_fraction", "no_media_fraction", "video_fraction", "multi_photo_fraction"), 0.0
+    )
+    generator = SyntheticTweets(
+        image_base_url=base, seed=args.seed, **(only if args.photos_only else {})
+    )
     source = SyntheticSource(
-        SyntheticTweets(image_base_url=base, seed=args.seed),
+        generator,
         rate=args.rate,
         count=args.count,
         start=args.start,
@@ -400,6 +407,10 @@ def cmd_device_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.overload:
+        from tagstream.overload_bench import overload_bench
+
+        return overload_bench(get_settings(), seconds=args.seconds, throttle=args.throttle)
     if args.models:
         from models.variant_bench import model_table, print_model_table
 
@@ -480,6 +491,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     synthetic.add_argument(
         "--start", type=int, default=0, help="first line number of the generator (default: 0)"
+    )
+    synthetic.add_argument(
+        "--photos-only",
+        action="store_true",
+        help="every tweet with exactly one good photo, no faults (benchmarks; default: the "
+        "demo's mix of photos, videos, tweets without media and failing photos)",
     )
     synthetic.add_argument(
         "--state",
@@ -714,6 +731,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="dense/pruned x FP32/INT8 throughput and digits accuracy table instead of the "
         "pipeline figures",
+    )
+    bench.add_argument(
+        "--overload",
+        action="store_true",
+        help="offer 0.5x to 10x the pipeline's capacity, fixed-rate admission against the "
+        "closed loop, and print latency, goodput and memory per run",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=15.0, help="for --overload: seconds each run offers "
+        "(default: 15)"
+    )  # fmt: skip
+    bench.add_argument(
+        "--throttle",
+        type=float,
+        default=40.0,
+        help="for --overload: the inference consumer's cap, images/s, standing for a device "
+        "of its own so that the rest does not take its CPU; 0: none (default: 40)",
     )
     bench.add_argument("--input-size", type=int, default=224, help="for --models (default: 224)")
     bench.add_argument(

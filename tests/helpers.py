@@ -14,16 +14,7 @@ from infra.settings import Settings
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The TAGSTREAM_ variables that make a child process see `settings`."""
-    import json
-
-    env = {}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if name in ("x_bearer_token", "kafka_extra"):
-            continue
-        key = f"TAGSTREAM_{name.upper()}"
-        env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    env.update(extra)
-    return env
+    return settings.to_env(**extra)
 
 
 class KafkaReader:
