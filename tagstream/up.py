@@ -8,6 +8,7 @@ the synthetic producer. Ctrl-C stops every process it started.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from infra.broker import EmbeddedBroker, die_with_parent, free_port
 from infra.settings import Settings
@@ -93,6 +96,24 @@ def faust_argv(settings: Settings) -> list[str]:
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
     """The environment of our children: ours plus the TAGSTREAM_ settings they must share."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", **overrides}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The TAGSTREAM_ variables under which a child process reads `settings` as they are
+    (every field that is set; lists and dicts as JSON, secrets as their value)."""
+    env = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"TAGSTREAM_{name.upper()}"] = text
+    return env
 
 
 def up(settings: Settings, *, rate: float, count: int, open_ports: bool = True) -> int:
