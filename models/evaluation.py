@@ -626,7 +626,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingested", "received", "source to the Faust agent (the tweets topic)"),
     Stage("admit", "received", "admitted", "the admission decision"),
     Stage("fetch", "admitted", "fetched", "the photo's download, with any wait for a slot"),
-    Stage("queue", "fetched", "consumed", "the images topic, waiting for an inference consumer"),
+    # A post's photos go to `images` together, once the last of them is fetched.
+    Stage("queue", "fetched", "consumed", "its post's other photos, images topic, consumer"),
     Stage("decode", "consumed", "decoded", "decoding and resizing the photo"),
     Stage("model", "decoded", "inferred", "waiting for its batch, and the model"),
     Stage("deliver", "inferred", "produced", "scores to hashtags, thumbnail, to the producer"),
