@@ -9,6 +9,7 @@ TagstreamError
 │   └── RejectedFetchError   never worth a retry (4xx, not an image, too big, blocked)
 ├── DecodeImageError         fetched bytes that Pillow cannot decode
 ├── ModelError               a model or manifest that cannot be used
+├── EvaluationError          an evaluation that could not run to its end
 └── Shed                     a deliberate drop (becomes a ShedRecord, not a failure)
 """
 
@@ -22,6 +23,7 @@ __all__ = [
     "CodecError",
     "ConfigurationError",
     "DecodeImageError",
+    "EvaluationError",
     "FetchError",
     "ModelError",
     "RejectedFetchError",
@@ -57,6 +59,11 @@ class DecodeImageError(TagstreamError):
 
 class ModelError(TagstreamError):
     """A model file or manifest that cannot be used."""
+
+
+class EvaluationError(TagstreamError):
+    """An evaluation that could not run to its end: a process of its pipeline exited, or
+    the pipeline never answered."""
 
 
 class Shed(TagstreamError):

@@ -212,14 +212,21 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
     def to_env(self, **extra: str) -> dict[str, str]:
-        """The TAGSTREAM_ variables that make a child process see these settings (secrets
-        and librdkafka extras left out: a child reads those from its own environment)."""
+        """The TAGSTREAM_ variables under which a child process reads these settings as
+        they are: every field that is set, lists and dicts as JSON, secrets as their value
+        (a child started by us may hold them as we do), and `extra` on top."""
         env = {}
-        for name, value in self.model_dump(exclude_none=True).items():
-            if name in ("x_bearer_token", "kafka_extra", "mastodon_token"):
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
                 continue
-            key = f"TAGSTREAM_{name.upper()}"
-            env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, list | dict):
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            env[f"TAGSTREAM_{name.upper()}"] = text
         return env | extra
 
     @property

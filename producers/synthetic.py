@@ -9,6 +9,9 @@ huge, corrupt). Texts carry markup and ampersands to exercise escaping downstrea
 
 `SyntheticSource` is the tweet source of ``tagstream produce synthetic``: line *n* at
 *n / rate* seconds, resumable after the last line delivered (its position is *n*).
+`write_archive` keeps lines of the generator as a stream archive instead, with the
+class of every photo that shows one: a fixed demo stream to replay and evaluate on
+(``tagstream demo-archive``, ``tagstream evaluate``).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import html
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from infra.demo_images import DEMO_CLASSES
+from infra.image_server import truth_from_url
+from producers.archive import StreamArchive
 from producers.source import SourceItem, TweetSource
 from producers.tweets import tweet_from_stream_line
 from schemas.records import now_ms
@@ -293,3 +299,31 @@ class SyntheticSource(TweetSource):
             n += 1
             if n % 256 == 0:
                 await asyncio.sleep(0)  # unpaced: let the loop serve stop signals
+
+
+def write_archive(
+    generator: SyntheticTweets,
+    folder: Path,
+    *,
+    count: int,
+    rate: float = 20.0,
+    start: int = 0,
+) -> dict[str, str]:
+    """Archive lines `start` .. `start + count - 1` of `generator` into `folder` as a
+    stream archive (producers/archive.py), line *n* received *(n - start) / rate*
+    seconds after 2025-01-01T00:00Z, so that a replay at 1x keeps that pace. Returns the
+    class each photo of a demo class shows, by media key (photos that fail on purpose
+    show none, except the slow ones)."""
+    if count < 1 or rate <= 0:
+        raise ValueError("count must be at least 1 and rate positive")
+    truth: dict[str, str] = {}
+    t0_ms = _EPOCH.timestamp() * 1000.0
+    with StreamArchive(folder) as archive:
+        for n in range(start, start + count):
+            line = generator.line(n)
+            archive.write(line, t_ms=t0_ms + (n - start) * 1000.0 / rate)
+            for item in (line.get("includes") or {}).get("media", []):
+                cls = truth_from_url(item.get("url") or "") if item["type"] == "photo" else None
+                if cls is not None:
+                    truth[item["media_key"]] = cls
+    return truth

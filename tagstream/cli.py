@@ -272,6 +272,63 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from producers.replay import parse_bound
+    from tagstream.evaluate import plan_evaluation, run_evaluation
+
+    settings = get_settings()
+    plan = plan_evaluation(
+        settings,
+        archive=Path(args.archive) if args.archive is not None else None,
+        topic=args.topic,
+        start=parse_bound(args.start) if args.start is not None else None,
+        stop=parse_bound(args.stop) if args.stop is not None else None,
+        speed=args.speed,
+        labels=Path(args.labels) if args.labels is not None else None,
+        model_dirs=[Path(d) for d in args.model_dir],
+        out=Path(args.out),
+        admission=args.admission,
+        wait_s=args.wait,
+        demo_images=args.demo_images,
+        progress=not args.no_progress,
+    )
+    try:
+        _, paths = run_evaluation(plan)
+    except KeyboardInterrupt:
+        print("interrupted: no report written", file=sys.stderr)
+        return 130
+    print(f"report: {paths['md']}, {paths['html']}, {paths['json']}", flush=True)
+    return 0
+
+
+def cmd_demo_archive(args: argparse.Namespace) -> int:
+    from models.evaluation import write_labels
+    from producers.synthetic import SyntheticTweets, write_archive
+
+    settings = get_settings()
+    base = (
+        args.image_base_url or f"http://{settings.image_server_host}:{settings.image_server_port}"
+    )
+    generator = SyntheticTweets(
+        image_base_url=base,
+        seed=args.seed,
+        fault_fraction=0.1 if args.faults else 0.0,
+    )
+    out = Path(args.out)
+    truth = write_archive(generator, out / "archive", count=args.count, rate=args.rate)
+    # "others" is the demo model's class for photos that deserve no hashtag.
+    labels = write_labels(
+        out / "labels.jsonl", {k: [] if c == "others" else [c] for k, c in truth.items()}
+    )
+    print(
+        f"{args.count} demo tweets in {out / 'archive'}, {len(truth)} photo labels in {labels}; "
+        f"evaluate with: tagstream evaluate --archive {out / 'archive'} --labels {labels} "
+        "--demo-images --out REPORT_DIR",
+        flush=True,
+    )
+    return 0
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from producers.collect import collect, parse_tags
 
@@ -624,6 +681,104 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--run-id", default=None, help="replay_run_id (default: a new uuid)")
     replay.set_defaults(func=cmd_produce_replay)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="replay an archive or a topic range through the pipeline once per model and "
+        "write one report (accuracy, calibration, latency, accounting) with the models "
+        "side by side",
+        description="Replay an archive or a topic range through the real pipeline (Faust "
+        "worker and an inference consumer, on fresh topics of the embedded broker or of "
+        "TAGSTREAM_KAFKA_BOOTSTRAP's cluster), once per --model-dir, under its own run id; "
+        "collect every outcome of the run and write report.md, report.html, report.json "
+        "and PNG plots into --out. The first model is the baseline of the others' deltas.",
+    )
+    evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
+    evaluate_source.add_argument(
+        "--archive", default=None, help="an archive file or folder (or JSON lines)"
+    )
+    evaluate_source.add_argument(
+        "--topic", default=None, help="a topic of Tweet records on TAGSTREAM_KAFKA_BOOTSTRAP"
+    )
+    evaluate.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="first offset (line index, or offset in each partition) or ISO time, inclusive",
+    )
+    evaluate.add_argument(
+        "--to", dest="stop", default=None, help="last offset or ISO time, exclusive"
+    )
+    evaluate.add_argument(
+        "--speed",
+        default="max",
+        help="'1x', '10x', ... or 'max' (no waiting; the default: the same accuracy table "
+        "every time)",
+    )
+    evaluate.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="the truth: JSON lines {media_key|tweet_id, hashtags} or a CSV with those "
+        "columns (default: the class tags of the rules each tweet matched)",
+    )
+    evaluate.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a model folder with manifest.json; repeat it to compare models, the first "
+        "being the baseline (default: settings.model_dir or the demo model)",
+    )
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="where the report goes")
+    evaluate.add_argument(
+        "--admission",
+        choices=("none", "configured"),
+        default="none",
+        help="none: shed nothing for load, classify every photo (the default); configured: "
+        "admit as the settings say and report the coverage",
+    )
+    evaluate.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="after a replay, give up on the outcomes still missing after S seconds without "
+        "a new one (default: 60)",
+    )
+    evaluate.add_argument(
+        "--demo-images",
+        action="store_true",
+        help="serve the demo images (settings.image_server_host:port) during the runs, for "
+        "archives written by `tagstream demo-archive`",
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    demo_archive = commands.add_parser(
+        "demo-archive",
+        help="write a fixed demo stream as an archive, with a labels file, to evaluate on",
+    )
+    demo_archive.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/archive/ and DIR/labels.jsonl"
+    )
+    demo_archive.add_argument("--count", type=count, default=600, help="tweets (default: 600)")
+    demo_archive.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    demo_archive.add_argument(
+        "--rate", type=float, default=20.0, help="tweets/s of the archived timing (default: 20)"
+    )
+    demo_archive.add_argument(
+        "--faults",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="photos that fail on purpose (404, slow, HTML, huge, corrupt; default: on)",
+    )
+    demo_archive.add_argument(
+        "--image-base-url",
+        default=None,
+        help="where the photos are served (default: the configured demo image server)",
+    )
+    demo_archive.set_defaults(func=cmd_demo_archive)
 
     collect = commands.add_parser(
         "collect",

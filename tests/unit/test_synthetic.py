@@ -13,7 +13,7 @@ import pytest
 from infra.demo_images import DEMO_CLASSES
 from infra.exceptions import CodecError
 from infra.image_server import truth_from_url
-from producers.synthetic import KINDS, SyntheticTweets
+from producers.synthetic import KINDS, SyntheticTweets, write_archive
 from producers.tweets import tweet_from_stream_line
 from schemas.records import photos
 
@@ -204,3 +204,43 @@ def test_stream_text_entities_are_unescaped_once() -> None:
     line = {"data": {"id": "9", "text": "Tom &amp; Jerry &lt;3 &amp;amp;"}}
     tweet = tweet_from_stream_line(line, source="twitter", ingested_at_ms=1.0)
     assert tweet["text"] == "Tom & Jerry <3 &amp;"
+
+
+def test_a_demo_archive_replays_the_lines_with_their_classes(tmp_path: Path) -> None:
+    from producers.archive import read_archive
+
+    gen = SyntheticTweets(image_base_url=BASE, seed=5)
+    truth = write_archive(gen, tmp_path / "archive", count=120, rate=10.0, start=3)
+    got = list(read_archive(tmp_path / "archive"))
+    assert [a.line for a in got] == [gen.line(n) for n in range(3, 123)]
+    assert [a.t_ms - got[0].t_ms for a in got] == [100.0 * i for i in range(120)]
+    shown = {
+        m["media_key"]: truth_from_url(m["url"])
+        for a in got
+        for m in (a.line.get("includes") or {}).get("media", [])
+        if m["type"] == "photo" and truth_from_url(m["url"])
+    }
+    assert truth == shown and len(truth) > 100
+    assert set(truth.values()) <= set(DEMO_CLASSES)
+
+
+def test_the_demo_archive_command_writes_labels_evaluate_reads(tmp_path: Path, monkeypatch) -> None:
+    from models.evaluation import Labels
+    from producers.archive import read_archive
+    from tests.helpers import run_cli
+
+    out = tmp_path / "demo"
+    argv = ["demo-archive", "--out", str(out), "--count", "40", "--no-faults"]
+    assert run_cli(monkeypatch, {"TAGSTREAM_IMAGE_SERVER_PORT": "18123"}, *argv) == 0
+    lines = [a.line for a in read_archive(out / "archive")]
+    assert len(lines) == 40
+    labels = Labels.load(out / "labels.jsonl")
+    for line in lines:
+        for m in (line.get("includes") or {}).get("media", []):
+            if m["type"] != "photo":
+                continue
+            assert m["url"].startswith("http://127.0.0.1:18123/img/")
+            cls = truth_from_url(m["url"])
+            assert labels.truth(line["data"]["id"], m["media_key"]) == (
+                frozenset() if cls == "others" else {cls}
+            )
