@@ -30,6 +30,7 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/tagstream bench
+	$(VENV)/bin/tagstream bench --overload
 	$(VENV)/bin/tagstream bench --models
 
 # On a machine with an NVIDIA GPU: the GPU tests and figures into OUT (scripts/device_check.sh).

@@ -23,7 +23,8 @@ The controller (`AdmissionController`) closes the loop on the queueing delay:
   when below). With the capacity known this is a first-order system: the backlog error
   decays as exp(-t / drain_s), without overshoot while drain_s is well above the
   reports' period (1 s); tests/unit/test_admission.py shows it on a simulated queue whose
-  capacity steps down 4x and back.
+  capacity steps down 4x and back. A consumer's backlog counts what waits on `images`
+  and what it has consumed and not yet delivered (a pipelined consumer holds batches).
 - **Share**: each Faust worker admits rate x (its partitions of `tweets` / all of them),
   so the sum stays right when a worker joins or leaves (a rebalance moves partitions).
 - **Ceiling**: the fixed `admission_rate` (tweets/s) still caps everything (`over_rate`);
@@ -34,8 +35,9 @@ The controller (`AdmissionController`) closes the loop on the queueing delay:
 
 Priorities: a tweet that matched a targeted rule (one tagged with a class of the model)
 outranks one that matched only a general rule: the low-priority tweets may not take the
-last `reserve` of the tokens. And a tweet whose latency is already lost (its age plus W
-already passes the target) is shed as `deadline`, which sheds the oldest first.
+last `reserve` of the tokens. And a tweet whose latency is already lost (its age, plus
+the time a fetch takes, plus W, plus one batch's time in the model, already passes the
+target) is shed as `deadline`, which sheds the oldest first.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class ControllerState:
     capacity: float  # images/s of the live inference consumers
     backlog: float  # images admitted and not yet done (estimated)
     delay_s: float  # queueing delay a photo admitted now would meet
+    service_s: float  # and then its own batch's time in the model
     rate: float  # images/s this worker admits now
     share: float  # this worker's share of the tweets' partitions
     consumers: int  # live consumers
@@ -152,6 +155,7 @@ class Admission:
 class _Consumer:
     capacity: float  # images per busy second
     backlog: float  # images waiting, as reported
+    batch_s: float  # how long one of its batches takes: a photo's own service time
     seen_at: float  # our clock when the report arrived
     admitted_then: float  # this worker's admitted images (running total) at that moment
 
@@ -197,20 +201,32 @@ class AdmissionController:
         self._consumers: dict[str, _Consumer] = {}
         self.admitted_images = 0.0  # running total of images this worker admitted
         self.fetching = 0  # photos admitted and still being fetched
+        self.fetch_s = 0.0  # how long a fetch takes (moving average)
         self._state = self._compute(clock())
         self._said_fallback: bool | None = None
 
     # Inputs ------------------------------------------------------------------------
 
     def observe_capacity(
-        self, consumer_id: str, *, images_per_s: float, queue_depth: float
+        self,
+        consumer_id: str,
+        *,
+        images_per_s: float,
+        queue_depth: float,
+        batch_size: float = 1.0,
     ) -> None:
         """A CapacityReport from an inference consumer, as it arrives."""
         now = self._clock()
+        capacity = max(0.0, images_per_s)
+        batch_s = max(1.0, batch_size) / capacity if capacity > 0 else 0.0
         self._consumers[consumer_id] = _Consumer(
-            max(0.0, images_per_s), max(0.0, queue_depth), now, self.admitted_images
+            capacity, max(0.0, queue_depth), batch_s, now, self.admitted_images
         )
         self._update(now)
+
+    def observe_fetch(self, seconds: float) -> None:
+        """How long one photo's fetch took: part of every admitted photo's latency."""
+        self.fetch_s += 0.1 * (seconds - self.fetch_s)
 
     def set_share(self, share: float) -> None:
         """This worker's share of the tweets' partitions (0..1), after a rebalance."""
@@ -237,11 +253,13 @@ class AdmissionController:
             return self._decision(False, OVER_RATE, "fixed ceiling (admission_rate)", state)
         if self.mode == FIXED:
             return self._decision(True, "", "", state)
-        if state.mode == CLOSED_LOOP and age_s + state.delay_s > self.target_s:
+        ahead = self.fetch_s + state.delay_s + state.service_s
+        if state.mode == CLOSED_LOOP and age_s + ahead > self.target_s:
             return self._decision(
                 False,
                 DEADLINE,
-                f"age {age_s:.2f} s + queue {state.delay_s:.2f} s > target {self.target_s:g} s",
+                f"age {age_s:.2f} s + fetch {self.fetch_s:.2f} s + queue {state.delay_s:.2f} s "
+                f"+ batch {state.service_s:.2f} s > target {self.target_s:g} s",
                 state,
             )
         high = self.high_priority(rule_tags)
@@ -274,17 +292,18 @@ class AdmissionController:
         capacity = sum(c.capacity for c in live.values())
         if self.mode == FIXED:
             return ControllerState(
-                FIXED, capacity, 0.0, 0.0, self.ceiling.rate, self.share, len(live)
+                FIXED, capacity, 0.0, 0.0, 0.0, self.ceiling.rate, self.share, len(live)
             )
         if not live or capacity <= 0:
             rate = self.fallback_rate * self.share
-            return ControllerState(FALLBACK, capacity, 0.0, 0.0, rate, self.share, len(live))
+            return ControllerState(FALLBACK, capacity, 0.0, 0.0, 0.0, rate, self.share, len(live))
         backlog = self._backlog(now, live) + self.fetching / max(self.share, 1e-9)
         delay = backlog / capacity
         wanted = capacity * self.queue_share * self.target_s
         rate = max(0.0, capacity + (wanted - backlog) / self.drain_s)
+        service = max(c.batch_s for c in live.values())
         return ControllerState(
-            CLOSED_LOOP, capacity, backlog, delay, rate * self.share, self.share, len(live)
+            CLOSED_LOOP, capacity, backlog, delay, service, rate * self.share, self.share, len(live)
         )
 
     def _backlog(self, now: float, live: Mapping[str, _Consumer]) -> float:

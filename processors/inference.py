@@ -209,6 +209,7 @@ class InferenceConsumer:
         self._model_batches = 0  # batches handed to the model stage and not yet run
         self._failure: BaseException | None = None
         self.capacity = CapacityMeter()
+        self._batch_size = float(settings.batch_max_size)
         self._report_lock = threading.Lock()
         self._last_report = time.monotonic()
         self._report_images = 0
@@ -414,11 +415,17 @@ class InferenceConsumer:
         with self._report_lock:
             images, batches = self._report_images, self._report_batches
             self._report_images = self._report_batches = 0
+        if batches:
+            # The mean batch of the window: a photo admitted now waits about one batch in
+            # the model. Before any (and while idle), the last known, at first a full one.
+            self._batch_size = images / batches
         report = capacity_report(
             consumer_id=self.consumer_id,
             images_per_s=self.capacity.rate,
-            batch_size=images / batches if batches else 0,
-            queue_depth=self.lag(),
+            batch_size=self._batch_size,
+            # Waiting on Kafka, and consumed but not yet through: a pipeline holds batches
+            # that wait for the model as much as a topic does.
+            queue_depth=self.lag() + self.offsets.in_flight,
         )
         self.producer.send("capacity", report, key=self.consumer_id)
         self._last_report = now

@@ -222,7 +222,9 @@ class ShedAndFetch:
             fetched = await self.fetcher.fetch(str(photo["url"]))
         except FetchError as exc:
             return self.dead_letter(consumed, "fetch", exc, **ids)
-        timestamps = stamps | {"fetch_start": started, "fetched": now_ms()}
+        done = now_ms()
+        self.admission.observe_fetch((done - started) / 1000.0)
+        timestamps = stamps | {"fetch_start": started, "fetched": done}
         if self.cache is not None:
             # The same bytes under another key and URL: a copy of a photo seen before.
             sha = hashlib.sha256(fetched.data).hexdigest()
@@ -373,6 +375,7 @@ class Feedback:
                 report["consumer_id"],
                 images_per_s=report["images_per_s"],
                 queue_depth=report["queue_depth"],
+                batch_size=report["batch_size"],
             )
 
     def result(self, result: dict[str, Any]) -> None:
