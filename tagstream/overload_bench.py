@@ -40,6 +40,7 @@ from schemas.codec import Codec
 from tagstream.up import ProcessGroup, child_env, faust_argv, tagstream_argv
 
 FACTORS = (0.5, 1.0, 2.0, 5.0, 10.0)
+PROCESSES = ("faust", "infer", "producer")
 #: Seconds of offered load before the measured window (see `run_once`).
 WARM_UP_S = 5.0
 MODES = ("fixed", "closed_loop")
@@ -59,7 +60,8 @@ class Run:
     good: int = 0  # results within the latency target
     completed: int = 0  # results produced during the offered period, whatever their age
     backlog: int = 0  # images waiting for the consumer at the end of the offered period
-    rss_mb: dict[str, float] = field(default_factory=dict)  # peak resident set per process
+    rss_mb: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # MB per
+    # process: at the start of the measured window, at its end, and the peak
     per_second: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     @property
@@ -76,14 +78,45 @@ class Run:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident set (VmRSS) or its peak so far (VmHWM), in MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):  # the peak resident set size
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+class _RssSampler:
+    """Samples every process of a group once a second: first, last and peak resident set."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for name, process in list(self.group.processes.items()):
+                if process.poll() is not None:
+                    continue
+                rss = _rss_mb(process.pid)
+                self.first.setdefault(name, rss)
+                self.last[name] = rss
+                self.peak[name] = max(self.peak.get(name, 0.0), _rss_mb(process.pid, "VmHWM"))
 
 
 class _Outcomes:
@@ -197,11 +230,17 @@ def run_once(
                 "--photos-only", "--seed", str(int(factor * 10)), "--image-base-url", image_url,
             ),
         )  # fmt: skip
-        outcomes.read(WARM_UP_S + seconds)
+        with _RssSampler(group) as rss:
+            outcomes.read(WARM_UP_S)
+            start_rss = dict(rss.last)
+            outcomes.read(seconds)
+        run.rss_mb = {
+            name: (start_rss.get(name, float("nan")), rss.last[name], rss.peak[name])
+            for name in rss.last
+        }
         run.backlog = _backlog(settings)
         # Admitted photos still in flight either finish within the target or are late.
         outcomes.read(settings.latency_target_ms / 1000.0 + 2.0)
-        run.rss_mb = {name: _peak_rss_mb(p.pid) for name, p in group.processes.items()}
     finally:
         outcomes.close()
         group.stop_all()
@@ -299,13 +338,14 @@ def print_table(runs: list[Run], *, capacity: float, target_ms: float) -> None:
     )
     header = (
         "| mode | offered x | offered/s | admitted/s | shed/s | goodput/s | goodput/capacity "
-        "| p50 ms | p99 ms | backlog at end | peak RSS MB (faust, infer, producer) |"
+        "| p50 ms | p99 ms | backlog at end | RSS MB start→end (peak): faust; infer; producer |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for run in runs:
-        rss = ", ".join(
-            f"{run.rss_mb.get(n, float('nan')):.0f}" for n in ("faust", "infer", "producer")
+        rss = "; ".join(
+            f"{a:.0f}→{b:.0f} ({c:.0f})"
+            for a, b, c in (run.rss_mb.get(n, (float("nan"),) * 3) for n in PROCESSES)
         )
         print(
             f"| {run.mode} | {run.factor:g} | {run.rate(run.produced):.1f} | "
@@ -316,10 +356,13 @@ def print_table(runs: list[Run], *, capacity: float, target_ms: float) -> None:
 
 
 def plot(runs: list[Run], path: Path) -> Path:
-    """One chart per run side by side would be wide: draw the 10x runs and the 2x runs."""
+    """One chart per run would be many: draw the 2x and the 10x runs (else the two largest
+    factors run), of both modes."""
+    factors = sorted({run.factor for run in runs})
+    shown = [f for f in (2.0, 10.0) if f in factors] or factors[-2:]
     charts = []
     for run in runs:
-        if run.factor not in (2.0, 10.0):
+        if run.factor not in shown:
             continue
         charts.append(
             line_chart_png(
