@@ -207,6 +207,7 @@ class ImageFetcher:
             raise ValueError("timeouts must be positive")
         if max_bytes < 1 or retries < 0 or backoff_base_s < 0:
             raise ValueError("max_bytes must be >= 1, retries and backoff_base_s >= 0")
+        metrics.expose(metrics.FETCH)
         self._concurrency = concurrency
         self._per_host = per_host
         self._connect_timeout_s = connect_timeout_s

@@ -1,9 +1,10 @@
 """Every Prometheus metric of tagstream, registered here and nowhere else; and the small
 HTTP server that exposes them.
 
-The metrics are prometheus_client objects in its default registry (which also carries
-its own ``process_*`` and ``python_*`` collectors), created when this module is first
-imported; each process imports the ones it updates. Names follow Prometheus's
+The metrics are prometheus_client objects, created when this module is first imported;
+each process imports the ones it updates, and puts the groups it owns into the client's
+default registry with `expose` (which also carries the client's own ``process_*`` and
+``python_*`` collectors). Names follow Prometheus's
 conventions: ``tagstream_<area>_<thing>_<unit>``, ``_total`` for counters, base units
 (seconds, bytes), and labels of bounded cardinality only (a reason, a stage, a cause, a
 source, a partition; never a tweet id or a URL). A new metric is added to this module,
@@ -64,22 +65,26 @@ RECORDS_PRODUCED = Counter(
     "tagstream_records_produced_total",
     "Records the broker acknowledged, by topic (short name), through the RecordProducer",
     ["topic"],
+    registry=None,
 )
 PRODUCE_FAILURES = Counter(
     "tagstream_produce_failures_total",
     "Records the broker did not take, by topic (short name)",
     ["topic"],
+    registry=None,
 )
 DEAD_LETTERS = Counter(
     "tagstream_dead_letters_total",
     "Dead letters produced, by the stage that failed and the error's class",
     ["stage", "cause"],
+    registry=None,
 )
 CONSUMER_LAG = Gauge(
     "tagstream_consumer_lag_messages",
     "Records on an assigned partition not yet read by this consumer (from the last "
     "fetch's high watermark)",
     ["group", "topic", "partition"],
+    registry=None,
 )
 END_TO_END = Histogram(
     "tagstream_end_to_end_seconds",
@@ -87,12 +92,14 @@ END_TO_END = Histogram(
     "production, per result, by the tweet's source",
     ["source"],
     buckets=END_TO_END_BUCKETS,
+    registry=None,
 )
 RESULT_STAGE = Histogram(
     "tagstream_result_stage_seconds",
     "Where a result's time went: each hop between two of its timestamps",
     ["stage"],
     buckets=STAGE_BUCKETS,
+    registry=None,
 )
 
 # Sources (producers/) -------------------------------------------------------------------
@@ -101,93 +108,122 @@ SOURCE_READ = Counter(
     "tagstream_source_items_read_total",
     "Items a source read: posts, rejected input and skips",
     ["source"],
+    registry=None,
 )
 SOURCE_PRODUCED = Counter(
     "tagstream_source_tweets_produced_total",
     "Tweet records produced to `tweets`, by source and operation (create, update, delete)",
     ["source", "operation"],
+    registry=None,
 )
 SOURCE_SKIPPED = Counter(
     "tagstream_source_skipped_total",
     "What a source read and left out on purpose, by reason",
     ["source", "reason"],
+    registry=None,
 )
 SOURCE_DUPLICATES = Counter(
     "tagstream_source_duplicates_total",
     "Repeats of recent posts dropped (a stream replaying after a reconnect)",
     ["source"],
+    registry=None,
 )
 SOURCE_RECONNECTS = Counter(
     "tagstream_source_reconnects_total",
     "Reconnects of a network source's stream",
     ["source"],
+    registry=None,
 )
 SOURCE_BACKOFF = Counter(
     "tagstream_source_backoff_seconds_total",
     "Seconds a network source waited before reconnecting",
     ["source"],
+    registry=None,
 )
 RULE_SYNC_CALLS = Counter(
     "tagstream_source_rule_sync_calls_total",
     "Calls to the X API's filtered-stream rules endpoint, by method and outcome",
     ["method", "outcome"],
+    registry=None,
 )
 
 # The Faust agent (processors/shed_and_fetch.py, admission.py, result_cache.py) -----------
 
 AGENT_CONSUMED = Counter(
-    "tagstream_agent_tweets_consumed_total", "Records the Faust agent consumed from `tweets`"
+    "tagstream_agent_tweets_consumed_total",
+    "Records the Faust agent consumed from `tweets`",
+    registry=None,
 )
 AGENT_ADMITTED = Counter(
     "tagstream_agent_tweets_admitted_total",
     "Tweets with photos that went on to the cache and the fetch",
+    registry=None,
 )
 AGENT_SHED = Counter(
-    "tagstream_agent_tweets_shed_total", "Tweets shed on record, by reason", ["reason"]
+    "tagstream_agent_tweets_shed_total",
+    "Tweets shed on record, by reason",
+    ["reason"],
+    registry=None,
 )
 AGENT_RETRACTIONS = Counter(
     "tagstream_agent_retractions_total",
     "Retractions produced for deleted and edited posts",
+    registry=None,
 )
 AGENT_IMAGES = Counter(
-    "tagstream_agent_images_total", "Image events produced to `images` (photos fetched)"
+    "tagstream_agent_images_total",
+    "Image events produced to `images` (photos fetched)",
+    registry=None,
 )
 AGENT_CACHED = Counter(
-    "tagstream_agent_cached_results_total", "Results answered by the result cache"
+    "tagstream_agent_cached_results_total", "Results answered by the result cache", registry=None
 )
 AGENT_IN_FLIGHT = Gauge(
-    "tagstream_agent_tweets_in_flight", "Tweets the agent is working on (fetching, delivering)"
+    "tagstream_agent_tweets_in_flight",
+    "Tweets the agent is working on (fetching, delivering)",
+    registry=None,
 )
 RESULT_CACHE_LOOKUPS = Counter(
     "tagstream_agent_result_cache_lookups_total",
     "Photo outcomes of the result cache, by outcome (hit, miss)",
     ["outcome"],
+    registry=None,
 )
 ADMISSION_MODE = Enum(
     "tagstream_admission_mode",
     "The admission controller's mode",
     states=["closed_loop", "fallback", "fixed"],
+    registry=None,
 )
 ADMISSION_RATE = Gauge(
-    "tagstream_admission_rate_images_per_second", "Images/s this worker admits now"
+    "tagstream_admission_rate_images_per_second", "Images/s this worker admits now", registry=None
 )
 ADMISSION_CAPACITY = Gauge(
     "tagstream_admission_capacity_images_per_second",
     "Capacity the live inference consumers report, in all",
+    registry=None,
 )
 ADMISSION_BACKLOG = Gauge(
-    "tagstream_admission_backlog_images", "Images admitted and not yet done (the estimate)"
+    "tagstream_admission_backlog_images",
+    "Images admitted and not yet done (the estimate)",
+    registry=None,
 )
 ADMISSION_DELAY = Gauge(
-    "tagstream_admission_delay_seconds", "Queueing delay a photo admitted now would meet"
+    "tagstream_admission_delay_seconds",
+    "Queueing delay a photo admitted now would meet",
+    registry=None,
 )
 ADMISSION_SHARE = Gauge(
-    "tagstream_admission_share_ratio", "This worker's share of the tweets' partitions"
+    "tagstream_admission_share_ratio",
+    "This worker's share of the tweets' partitions",
+    registry=None,
 )
 ADMISSION_CONSUMERS = Gauge(
-    "tagstream_admission_consumers", "Inference consumers reporting capacity"
+    "tagstream_admission_consumers", "Inference consumers reporting capacity", registry=None
 )
-FETCHING = Gauge("tagstream_agent_photos_fetching", "Photos admitted and still being fetched")
+FETCHING = Gauge(
+    "tagstream_agent_photos_fetching", "Photos admitted and still being fetched", registry=None
+)
 
 # The safe fetcher (infra/fetcher.py) ------------------------------------------------------
 
@@ -195,29 +231,38 @@ FETCH_SECONDS = Histogram(
     "tagstream_fetch_seconds",
     "Successful image fetches, retries included",
     buckets=FETCH_BUCKETS,
+    registry=None,
 )
 FETCH_FAILURES = Counter(
     "tagstream_fetch_failures_total",
     "Image fetches given up on, by cause",
     ["cause"],
+    registry=None,
 )
 FETCH_RETRIES = Counter(
-    "tagstream_fetch_retries_total", "Retries of transient fetch failures, by cause", ["cause"]
+    "tagstream_fetch_retries_total",
+    "Retries of transient fetch failures, by cause",
+    ["cause"],
+    registry=None,
 )
-FETCH_BYTES = Counter("tagstream_fetch_bytes_total", "Bytes of the images fetched")
+FETCH_BYTES = Counter("tagstream_fetch_bytes_total", "Bytes of the images fetched", registry=None)
 
 # The inference consumer (processors/inference.py) -----------------------------------------
 
 INFERENCE_IMAGES = Counter(
-    "tagstream_inference_images_total", "Results produced by the inference consumer"
+    "tagstream_inference_images_total", "Results produced by the inference consumer", registry=None
 )
 INFERENCE_BATCHES = Counter(
     "tagstream_inference_batches_total",
     "Batches run, by why they closed (full, waited, idle, ...)",
     ["closed"],
+    registry=None,
 )
 INFERENCE_BATCH_SIZE = Histogram(
-    "tagstream_inference_batch_size_images", "Images per batch", buckets=BATCH_BUCKETS
+    "tagstream_inference_batch_size_images",
+    "Images per batch",
+    buckets=BATCH_BUCKETS,
+    registry=None,
 )
 INFERENCE_BATCH_SECONDS = Histogram(
     "tagstream_inference_batch_seconds",
@@ -225,10 +270,12 @@ INFERENCE_BATCH_SECONDS = Histogram(
     "model waiting for it), model, deliver",
     ["stage"],
     buckets=STAGE_BUCKETS,
+    registry=None,
 )
 INFERENCE_CAPACITY = Gauge(
     "tagstream_inference_capacity_images_per_second",
     "Images per busy second of the model stage (what the consumer reports on `capacity`)",
+    registry=None,
 )
 #: An info metric in the usual form (value 1, the facts as labels), a labelled gauge rather
 #: than prometheus_client's Info: an Info that was never set still exposes a label-less 1,
@@ -237,34 +284,72 @@ MODEL = Gauge(
     "tagstream_inference_model_info",
     "The model this consumer serves and where it runs (always 1)",
     ["model_id", "model_version", "provider", "precision", "decode_device", "consumer_id"],
+    registry=None,
 )
 
 # The sink and gallery (processors/sink.py) ------------------------------------------------
 
-SINK_SEEN = Counter("tagstream_sink_results_seen_total", "Results the sink was offered")
+SINK_SEEN = Counter(
+    "tagstream_sink_results_seen_total", "Results the sink was offered", registry=None
+)
 SINK_SAMPLED = Counter(
-    "tagstream_sink_results_sampled_total", "Results sampled into the gallery and samples file"
+    "tagstream_sink_results_sampled_total",
+    "Results sampled into the gallery and samples file",
+    registry=None,
 )
 SINK_WITHDRAWN = Counter(
-    "tagstream_sink_results_withdrawn_total", "Results and samples dropped for a retraction"
+    "tagstream_sink_results_withdrawn_total",
+    "Results and samples dropped for a retraction",
+    registry=None,
 )
 GALLERY_CLIENTS = Gauge(
-    "tagstream_sink_gallery_clients", "Gallery pages that polled in the last few seconds"
+    "tagstream_sink_gallery_clients",
+    "Gallery pages that polled in the last few seconds",
+    registry=None,
 )
 
-#: Every metric above (the dashboard test checks panels against these).
-ALL = (
+# The metrics by the process that owns them. A process exposes only its own (`expose`),
+# so that the inference consumer, say, does not serve the agent's gauges at 0 (or the
+# admission controller's mode at its first state); the shared ones, labelled and so
+# absent until used, are exposed everywhere.
+SHARED = (
     RECORDS_PRODUCED, PRODUCE_FAILURES, DEAD_LETTERS, CONSUMER_LAG, END_TO_END, RESULT_STAGE,
+)  # fmt: skip
+SOURCE = (
     SOURCE_READ, SOURCE_PRODUCED, SOURCE_SKIPPED, SOURCE_DUPLICATES, SOURCE_RECONNECTS,
     SOURCE_BACKOFF, RULE_SYNC_CALLS,
+)  # fmt: skip
+AGENT = (
     AGENT_CONSUMED, AGENT_ADMITTED, AGENT_SHED, AGENT_RETRACTIONS, AGENT_IMAGES, AGENT_CACHED,
     AGENT_IN_FLIGHT, RESULT_CACHE_LOOKUPS, ADMISSION_MODE, ADMISSION_RATE, ADMISSION_CAPACITY,
     ADMISSION_BACKLOG, ADMISSION_DELAY, ADMISSION_SHARE, ADMISSION_CONSUMERS, FETCHING,
-    FETCH_SECONDS, FETCH_FAILURES, FETCH_RETRIES, FETCH_BYTES,
+)  # fmt: skip
+FETCH = (FETCH_SECONDS, FETCH_FAILURES, FETCH_RETRIES, FETCH_BYTES)
+INFERENCE = (
     INFERENCE_IMAGES, INFERENCE_BATCHES, INFERENCE_BATCH_SIZE, INFERENCE_BATCH_SECONDS,
     INFERENCE_CAPACITY, MODEL,
-    SINK_SEEN, SINK_SAMPLED, SINK_WITHDRAWN, GALLERY_CLIENTS,
 )  # fmt: skip
+SINK = (SINK_SEEN, SINK_SAMPLED, SINK_WITHDRAWN, GALLERY_CLIENTS)
+#: Every metric above (the dashboard test checks panels against these).
+ALL = SHARED + SOURCE + AGENT + FETCH + INFERENCE + SINK
+
+_exposed: set[int] = set()
+_expose_lock = threading.Lock()
+
+
+def expose(*groups: tuple[Any, ...]) -> None:
+    """Serve these groups of metrics from this process (idempotent): each process says
+    which it owns when it starts (the Faust agent AGENT and FETCH, the inference consumer
+    INFERENCE, the sink SINK, a source SOURCE). They are updated either way."""
+    with _expose_lock:
+        for group in groups:
+            for metric in group:
+                if id(metric) not in _exposed:
+                    REGISTRY.register(metric)
+                    _exposed.add(id(metric))
+
+
+expose(SHARED)
 
 #: The hops of a result's way, between the timestamps its stages stamp (schemas/records.py).
 RESULT_HOPS = (

@@ -173,6 +173,7 @@ class InferenceConsumer:
             )
         self.settings = settings
         self.classifier = classifier
+        metrics.expose(metrics.INFERENCE)
         self.consumer_id = (
             consumer_id or settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
         )

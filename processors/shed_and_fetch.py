@@ -465,6 +465,7 @@ def register_agent(app: Any, settings: Settings) -> None:
     admission = admission_from_settings(settings)
     cache = ResultCache(max_entries=settings.result_cache_size, ttl_s=settings.result_cache_ttl_s)
     read_offsets: dict[tuple[str, int], int] = {}
+    metrics.expose(metrics.AGENT, metrics.FETCH)
 
     @app.page("/metrics")
     async def metrics_page(view: Any, request: Any) -> Any:

@@ -228,6 +228,7 @@ class SampledSink:
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
+        metrics.expose(metrics.SINK)
         self.out_dir = Path(out_dir)
         self.thumbs_dir = self.out_dir / THUMBS_DIR
         self.samples_path = self.out_dir / SAMPLES_FILE

@@ -203,6 +203,7 @@ async def pump(
     `positions`) is saved then too.
     """
     counts: Counter[str] = Counter(tweets=0, dead_letters=0)
+    metrics.expose(metrics.SOURCE)
     tracker = _Positions(positions) if positions is not None else None
     if positions is not None:
         saved = positions.load()

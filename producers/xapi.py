@@ -251,6 +251,7 @@ class FilteredStream(XApiClient):
         max_reconnects: int | None = None,
     ) -> None:
         super().__init__(base_url=base_url, bearer_token=bearer_token)
+        metrics.expose(metrics.SOURCE)  # rule syncs and reconnects: a source's metrics
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock

@@ -187,6 +187,14 @@ def up(settings: Settings, *, rate: float, count: int, open_ports: bool = True) 
             "infer", tagstream_argv("infer"), env={"TAGSTREAM_METRICS_PORT": str(ports["infer"])}
         )
         group.start("sink", tagstream_argv("sink"))
+        if server is not None:
+            # Prometheus takes up its targets a few seconds after it starts; the producer
+            # waits for that (the others are still starting), so that the figures of a
+            # short run (--count) are all there from its first tweet.
+            try:
+                server.wait_for_targets()
+            except prometheus.PrometheusError as exc:
+                print(f"prometheus: {exc}", file=sys.stderr, flush=True)
         group.start(
             "producer",
             tagstream_argv(

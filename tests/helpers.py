@@ -178,11 +178,13 @@ class MetricDeltas:
 
     @staticmethod
     def read() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        from prometheus_client import REGISTRY
+        # Every metric, exposed by this process or not.
+        from infra.metrics import ALL
 
         return {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in REGISTRY.collect()
+            for metric in ALL
+            for family in metric.collect()
             for sample in family.samples
         }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -73,7 +75,33 @@ def test_every_metric_is_in_the_architecture_table() -> None:
         assert f"`{shown}`" in table, f"{shown} is missing from docs/architecture.md"
 
 
+def test_a_process_serves_only_the_metrics_it_owns() -> None:
+    # A fresh interpreter: this one has exposed every group by now.
+    script = (
+        "from infra import metrics\n"
+        "before = metrics.exposition()[0].decode()\n"
+        "metrics.expose(metrics.AGENT, metrics.FETCH)\n"
+        "metrics.expose(metrics.AGENT)\n"  # idempotent
+        "after = metrics.exposition()[0].decode()\n"
+        "print('agent before', 'tagstream_agent_' in before)\n"
+        "print('mode before', 'tagstream_admission_mode' in before)\n"
+        "print('agent after', 'tagstream_agent_tweets_consumed_total 0.0' in after)\n"
+        "print('inference after', 'tagstream_inference_' in after)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:4] == [
+        "agent before False",
+        "mode before False",
+        "agent after True",
+        "inference after False",
+    ]
+
+
 def test_the_server_serves_metrics_and_health_and_nothing_else() -> None:
+    metrics.expose(metrics.SOURCE)
     well = threading.Event()
     well.set()
     server = metrics.MetricsServer("127.0.0.1", 0, health=well.is_set).start()
