@@ -42,7 +42,12 @@ class BrokerError(TagstreamError):
 
 
 class FetchError(TagstreamError):
-    """An image that could not be fetched."""
+    """An image that could not be fetched. `cause` says why in one word (timeout, http_4xx,
+    not_image, ...): the label of the fetch-failure metric, so never a URL."""
+
+    def __init__(self, message: str = "", *, cause: str = "other") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class TransientFetchError(FetchError):

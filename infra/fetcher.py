@@ -6,7 +6,9 @@ follows at most a few redirects and checks every hop, caps the bytes it reads, t
 bytes rather than the Content-Type header, and bounds its concurrency overall and per
 host. Failures are split the way the pipeline acts on them: `TransientFetchError` (timeouts,
 connection errors, 5xx, 429; retried here with back-off first) and `RejectedFetchError`
-(never worth a retry). Messages name the URL.
+(never worth a retry). Messages name the URL; each error's `cause` names the kind of
+failure in a word, the label of ``tagstream_fetch_failures_total`` (infra/metrics.py),
+beside the latency and the bytes of the fetches that worked.
 
 Address checks: IP literals are checked before connecting; host names are checked inside
 a custom aiohttp resolver, so the addresses checked are the very addresses the connector
@@ -31,6 +33,7 @@ from aiohttp import hdrs
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from infra import metrics
 from infra.exceptions import FetchError, RejectedFetchError, TransientFetchError
 
 if TYPE_CHECKING:
@@ -204,6 +207,7 @@ class ImageFetcher:
             raise ValueError("timeouts must be positive")
         if max_bytes < 1 or retries < 0 or backoff_base_s < 0:
             raise ValueError("max_bytes must be >= 1, retries and backoff_base_s >= 0")
+        metrics.expose(metrics.FETCH)
         self._concurrency = concurrency
         self._per_host = per_host
         self._connect_timeout_s = connect_timeout_s
@@ -295,22 +299,31 @@ class ImageFetcher:
                     final_url, content_type, data = await self._fetch_once(self._session, url)
             except TransientFetchError as exc:
                 if attempt > self._retries:
+                    metrics.FETCH_FAILURES.labels(cause=exc.cause).inc()
                     raise _with_attempts(
-                        TransientFetchError(f"{exc} (gave up after {attempt} attempts)"), attempt
+                        TransientFetchError(
+                            f"{exc} (gave up after {attempt} attempts)", cause=exc.cause
+                        ),
+                        attempt,
                     ) from exc
+                metrics.FETCH_RETRIES.labels(cause=exc.cause).inc()
                 # Full-ish jitter: many tweets point at the same host, and retrying them in
                 # lock-step would hit it again all at once.
                 delay = self._backoff_base_s * 2 ** (attempt - 1)
                 await self._sleep(delay * random.uniform(0.5, 1.0))
                 continue
             except RejectedFetchError as exc:
+                metrics.FETCH_FAILURES.labels(cause=exc.cause).inc()
                 raise _with_attempts(exc, attempt) from None
+            elapsed = time.perf_counter() - started
+            metrics.FETCH_SECONDS.observe(elapsed)
+            metrics.FETCH_BYTES.inc(len(data))
             return FetchedImage(
                 url=url,
                 final_url=final_url,
                 content_type=content_type,
                 data=data,
-                elapsed_ms=(time.perf_counter() - started) * 1000.0,
+                elapsed_ms=elapsed * 1000.0,
                 attempts=attempt,
             )
 
@@ -321,21 +334,26 @@ class ImageFetcher:
             # yarl parses lazily: a bad host (an empty IDNA label, say) raises only here.
             host, port = target.host, target.port
         except (ValueError, TypeError) as exc:
-            raise RejectedFetchError(f"{url}: invalid URL {current!r}: {exc}") from None
+            raise RejectedFetchError(
+                f"{url}: invalid URL {current!r}: {exc}", cause="invalid_url"
+            ) from None
         if target.scheme.lower() not in _SCHEMES:
             raise RejectedFetchError(
-                f"{url}: scheme {target.scheme or '(none)'!r} refused; only http and https"
+                f"{url}: scheme {target.scheme or '(none)'!r} refused; only http and https",
+                cause="scheme",
             )
         if port is not None and not 0 < port < 65536:
-            raise RejectedFetchError(f"{url}: port {port} out of range")
+            raise RejectedFetchError(f"{url}: port {port} out of range", cause="invalid_url")
         if not host:
-            raise RejectedFetchError(f"{url}: no host in {current!r}")
+            raise RejectedFetchError(f"{url}: no host in {current!r}", cause="invalid_url")
         ip = _ip_literal(host)
         if ip is not None and not self._host_allowed(host):
             reason = _blocked_reason(ip)
             if reason is not None:
                 via = "" if current == url else f" (redirected to {current})"
-                raise RejectedFetchError(f"{url}: blocked address {ip} ({reason}){via}")
+                raise RejectedFetchError(
+                    f"{url}: blocked address {ip} ({reason}){via}", cause="blocked"
+                )
         return target
 
     async def _fetch_once(self, session: aiohttp.ClientSession, url: str) -> tuple[str, str, bytes]:
@@ -353,7 +371,8 @@ class ImageFetcher:
                             location = resp.headers.get(hdrs.LOCATION)
                             if not location:
                                 raise RejectedFetchError(
-                                    f"{url}: HTTP {resp.status} redirect without a Location"
+                                    f"{url}: HTTP {resp.status} redirect without a Location",
+                                    cause="bad_redirect",
                                 )
                             current = str(target.join(URL(location)))
                             continue
@@ -363,46 +382,59 @@ class ImageFetcher:
                 except FetchError:
                     raise
                 except TimeoutError as exc:
-                    raise TransientFetchError(f"{url}: {self._timeout_text(exc)}") from None
+                    raise TransientFetchError(
+                        f"{url}: {self._timeout_text(exc)}", cause="timeout"
+                    ) from None
                 except aiohttp.ClientConnectorError as exc:
                     raise self._connect_error(url, exc) from None
                 except aiohttp.InvalidURL as exc:
-                    raise RejectedFetchError(f"{url}: invalid URL: {exc}") from None
+                    raise RejectedFetchError(
+                        f"{url}: invalid URL: {exc}", cause="invalid_url"
+                    ) from None
                 except aiohttp.ClientResponseError as exc:
-                    raise RejectedFetchError(f"{url}: malformed response: {exc}") from None
+                    raise RejectedFetchError(
+                        f"{url}: malformed response: {exc}", cause="bad_response"
+                    ) from None
                 except (aiohttp.ClientError, OSError) as exc:
                     # Dropped connections and truncated bodies: the next try may well work.
                     raise TransientFetchError(
-                        f"{url}: connection error: {type(exc).__name__}: {exc}"
+                        f"{url}: connection error: {type(exc).__name__}: {exc}",
+                        cause="connection",
                     ) from None
                 except ValueError as exc:  # an unparsable Location header
-                    raise RejectedFetchError(f"{url}: bad redirect: {exc}") from None
+                    raise RejectedFetchError(
+                        f"{url}: bad redirect: {exc}", cause="bad_redirect"
+                    ) from None
             content_type = sniff_image_type(data)
             if content_type is None:
                 raise RejectedFetchError(
                     f"{url}: not an image: looks like {_looks_like(data)} "
-                    f"(Content-Type said {declared})"
+                    f"(Content-Type said {declared})",
+                    cause="not_image",
                 )
             return current, content_type, data
-        raise RejectedFetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
+        raise RejectedFetchError(f"{url}: more than {MAX_REDIRECTS} redirects", cause="redirects")
 
     @staticmethod
     def _check_status(url: str, current: str, status: int) -> None:
         via = "" if current == url else f" (at {current})"
         if 200 <= status < 300:
             return
-        if status == 429 or status >= 500:
-            raise TransientFetchError(f"{url}: HTTP {status}{via}")
+        if status == 429:
+            raise TransientFetchError(f"{url}: HTTP {status}{via}", cause="http_429")
+        if status >= 500:
+            raise TransientFetchError(f"{url}: HTTP {status}{via}", cause="http_5xx")
         if 400 <= status < 500:
-            raise RejectedFetchError(f"{url}: HTTP {status}{via}")
-        raise RejectedFetchError(f"{url}: unexpected HTTP {status}{via}")
+            raise RejectedFetchError(f"{url}: HTTP {status}{via}", cause="http_4xx")
+        raise RejectedFetchError(f"{url}: unexpected HTTP {status}{via}", cause="http_other")
 
     async def _read_capped(self, url: str, resp: aiohttp.ClientResponse) -> bytes:
         cap = self._max_bytes
         if resp.content_length is not None and resp.content_length > cap:
             resp.close()
             raise RejectedFetchError(
-                f"{url}: too large: Content-Length {resp.content_length} exceeds {cap} bytes"
+                f"{url}: too large: Content-Length {resp.content_length} exceeds {cap} bytes",
+                cause="too_large",
             )
         body = bytearray()
         async for chunk in resp.content.iter_chunked(_CHUNK):
@@ -411,7 +443,8 @@ class ImageFetcher:
                 # close(), not release(): drop the connection instead of draining the rest.
                 resp.close()
                 raise RejectedFetchError(
-                    f"{url}: too large: body passed the {cap}-byte cap; stopped reading"
+                    f"{url}: too large: body passed the {cap}-byte cap; stopped reading",
+                    cause="too_large",
                 )
         return bytes(body)
 
@@ -426,12 +459,12 @@ class ImageFetcher:
     def _connect_error(url: str, exc: aiohttp.ClientConnectorError) -> FetchError:
         cause = exc.os_error
         if isinstance(cause, _BlockedAddress):
-            return RejectedFetchError(f"{url}: {cause}")
+            return RejectedFetchError(f"{url}: {cause}", cause="blocked")
         if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
-            return RejectedFetchError(f"{url}: TLS error: {exc}")
+            return RejectedFetchError(f"{url}: TLS error: {exc}", cause="tls")
         if isinstance(cause, socket.gaierror) and cause.errno in (
             socket.EAI_NONAME,
             getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
         ):
-            return RejectedFetchError(f"{url}: host not found: {cause}")
-        return TransientFetchError(f"{url}: cannot connect: {exc}")
+            return RejectedFetchError(f"{url}: host not found: {cause}", cause="dns")
+        return TransientFetchError(f"{url}: cannot connect: {exc}", cause="connect")

@@ -123,6 +123,24 @@ def consumed(
     return good
 
 
+def partition_lags(consumer: Any) -> dict[tuple[str, int], int]:
+    """Records behind the end of each partition assigned to a confluent-kafka consumer:
+    the high watermark it last fetched less its position (the next record the application
+    will be given). From cached watermarks: never a broker round trip, so a consuming
+    thread may call it. A partition with nothing known yet is left out."""
+    lags: dict[tuple[str, int], int] = {}
+    try:
+        for tp in consumer.assignment():
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            (position,) = consumer.position([tp])
+            offset = position.offset if position.offset >= 0 else low
+            if high >= 0 and offset >= 0:
+                lags[(tp.topic, tp.partition)] = max(0, high - offset)
+    except Exception as exc:  # lag is advisory; never stop a consumer over it
+        log.debug("lag unavailable: %s", exc)
+    return lags
+
+
 def commit(consumer: Any, offsets: list[Any]) -> bool:
     """Commit `offsets` (of work already delivered) synchronously; False when refused.
 

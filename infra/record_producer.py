@@ -12,7 +12,10 @@ reports) and the sink (dead letters). It
 - tracks deliveries: `flush()` raises `BrokerError` if any record was not delivered, and
   `send_async` gives an awaitable that settles with the record's own delivery report;
 - builds dead letters (`dead_letter`) from where a record came from (`SourceRef`) and the
-  error, keyed by media key, tweet id or the source key, in that order.
+  error, keyed by media key, tweet id or the source key, in that order;
+- counts (infra/metrics.py) the records the broker acknowledged and refused, by topic,
+  and the dead letters built, by stage and error class (each is produced once: a record
+  that cannot be delivered stops its process, or is retried until it is).
 
 Delivery reports are served by `poll()`/`flush()` on the caller's thread, or, once
 `send_async` or `start_polling` is used, by a poller thread of its own.
@@ -30,9 +33,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from infra import metrics
 from infra.exceptions import BrokerError
 from infra.kafka import producer_config
-from infra.settings import Settings
+from infra.settings import TOPIC_NAMES, Settings
 from infra.topics import TOPIC_RECORDS
 from schemas.codec import Codec
 from schemas.records import dead_letter
@@ -110,6 +114,8 @@ class RecordProducer:
         self._first_error: str | None = None
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
+        # Full topic names to the short ones the metrics are labelled with.
+        self._short = {settings.topic(name): name for name in TOPIC_NAMES}
 
     # Producing ----------------------------------------------------------------------
 
@@ -188,6 +194,8 @@ class RecordProducer:
         url: str | None = None,
         payload: bytes | None = None,
     ) -> dict:
+        """The DeadLetter record of `error` at `stage` (counted in the metrics)."""
+        metrics.DEAD_LETTERS.labels(stage=stage, cause=type(error).__name__).inc()
         return dict(
             dead_letter(
                 source_topic=source.topic,
@@ -254,6 +262,10 @@ class RecordProducer:
     def _report(self, on_delivery: OnDelivery | None) -> Callable[[Any, Any], None]:
         def report(err: Any, msg: Any) -> None:
             error = None
+            topic = self._short.get(msg.topic(), "other")
+            (metrics.RECORDS_PRODUCED if err is None else metrics.PRODUCE_FAILURES).labels(
+                topic=topic
+            ).inc()
             with self._lock:
                 if err is None:
                     self.delivered += 1

@@ -160,6 +160,32 @@ class Settings(BaseSettings):
     image_server_port: int = Field(8089, ge=0, le=65535)
     faust_web_port: int = Field(6066, ge=0, le=65535)
 
+    # Metrics ---------------------------------------------------------------------
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="where /metrics and /healthz listen: the inference consumer's and the "
+        "sources' own server, and the Faust worker's web server (0.0.0.0 in containers)",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of /metrics and /healthz of the processes without a web server of "
+        "their own (inference consumer, sources); 0: a free one, logged. The sink serves "
+        "them on sink_port, the Faust worker on faust_web_port",
+    )
+    metrics_final_scrape_s: float = Field(
+        20.0,
+        ge=0,
+        description="a source that ends on its own (a --count reached) waits at most this "
+        "long for one more scrape, so Prometheus sees its last figures (0: no wait)",
+    )
+    prometheus_url: str | None = Field(
+        None,
+        description="a Prometheus that scrapes the pipeline: the gallery's status strip "
+        "queries it (unset: the strip shows what the sink sees itself)",
+    )
+
     # X API -----------------------------------------------------------------------
     x_bearer_token: SecretStr | None = None
     x_api_base_url: str = "https://api.x.com"

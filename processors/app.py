@@ -1,7 +1,8 @@
 """The Faust app of tagstream: `faust -A processors worker` runs it.
 
 Its one agent, `shed_and_fetch` (processors/shed_and_fetch.py), reads `tweets`.
-Configuration comes from the settings object, like every other process.
+Configuration comes from the settings object, like every other process. Its web server
+(`faust_web_port`, on `metrics_host`) serves ``/metrics`` and ``/healthz``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         web_host=settings.sink_host,
         web_port=settings.faust_web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.metrics_host,  # /metrics and /healthz are served there too
         value_serializer="raw",
         key_serializer="raw",
     )

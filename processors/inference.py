@@ -31,6 +31,11 @@ nothing: what was not committed is consumed again after a restart, and results a
 by tweet id and carry the media key, so a duplicate is harmless. A failed delivery or a
 failing stage stops the consumer with an error; nothing past the failed record is
 committed.
+
+Metrics (infra/metrics.py): results, batches by why they closed, batch sizes, each
+batch's decode, decode-wait, model and delivery seconds, the capacity it reports, its lag
+per partition (every second, with the capacity report), the end-to-end latency and the
+time of every hop of each result, and the model it serves as an info metric.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from infra import metrics
 from infra.exceptions import CodecError, ModelError, TagstreamError
-from infra.kafka import consumed, consumer_config
+from infra.kafka import consumed, consumer_config, partition_lags
 from infra.record_producer import RecordProducer, SourceRef
 from infra.settings import Settings
 from models.runtime import OnnxClassifier
@@ -167,6 +173,7 @@ class InferenceConsumer:
             )
         self.settings = settings
         self.classifier = classifier
+        metrics.expose(metrics.INFERENCE)
         self.consumer_id = (
             consumer_id or settings.consumer_id or f"{socket.gethostname()}-{os.getpid()}"
         )
@@ -298,10 +305,15 @@ class InferenceConsumer:
                 stats = self.stats
                 if not stats.first_batch_at:
                     stats.first_batch_at = time.monotonic()
+                decode_s = batch.decode_s + sum(p.decode_s for p in batch.prepared)
                 stats.model_idle_s += started - waited
                 stats.decode_wait_s += decoded - started
                 stats.infer_s += inferred - decoded
-                stats.decode_s += batch.decode_s + sum(p.decode_s for p in batch.prepared)
+                stats.decode_s += decode_s
+                seconds = metrics.INFERENCE_BATCH_SECONDS
+                seconds.labels(stage="decode").observe(decode_s)
+                seconds.labels(stage="decode_wait").observe(decoded - started)
+                seconds.labels(stage="model").observe(inferred - decoded)
                 self._to_deliver.put((batch, probabilities, now_ms()))
                 with self._model_lock:
                     self._model_batches -= 1
@@ -375,6 +387,7 @@ class InferenceConsumer:
                     self.producer.send(
                         "hashtags", result, key=prepared.event["tweet_id"], on_delivery=on_delivery
                     )
+                    metrics.observe_result(result)
                     done += 1
                     continue
                 except CodecError as exc:  # a result that does not fit its schema
@@ -392,10 +405,15 @@ class InferenceConsumer:
                 batch, probabilities, inferred = item
                 done = self._deliver(batch, probabilities, inferred)
                 stats = self.stats
+                delivered_s = time.perf_counter() - started
                 stats.images += done
                 stats.batches += 1
                 stats.closed[batch.closed] += 1
-                stats.deliver_s += time.perf_counter() - started
+                stats.deliver_s += delivered_s
+                metrics.INFERENCE_IMAGES.inc(done)
+                metrics.INFERENCE_BATCHES.labels(closed=batch.closed).inc()
+                metrics.INFERENCE_BATCH_SIZE.observe(len(batch.prepared))
+                metrics.INFERENCE_BATCH_SECONDS.labels(stage="deliver").observe(delivered_s)
                 stats.last_batch_at = time.monotonic()
                 with self._report_lock:
                     self._report_images += done
@@ -419,31 +437,23 @@ class InferenceConsumer:
             # The mean batch of the window: a photo admitted now waits about one batch in
             # the model. Before any (and while idle), the last known, at first a full one.
             self._batch_size = images / batches
+        lags = partition_lags(self.consumer)
+        metrics.set_consumer_lag(self.group_id, lags)
+        metrics.INFERENCE_CAPACITY.set(self.capacity.rate)
         report = capacity_report(
             consumer_id=self.consumer_id,
             images_per_s=self.capacity.rate,
             batch_size=self._batch_size,
             # Waiting on Kafka, and consumed but not yet through: a pipeline holds batches
             # that wait for the model as much as a topic does.
-            queue_depth=self.lag() + self.offsets.in_flight,
+            queue_depth=sum(lags.values()) + self.offsets.in_flight,
         )
         self.producer.send("capacity", report, key=self.consumer_id)
         self._last_report = now
 
-    def lag(self) -> int:
-        """Records behind the end of the assigned partitions, from cached watermarks (never
-        a broker round trip on the consuming thread)."""
-        total = 0
-        try:
-            for tp in self.consumer.assignment():
-                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                (position,) = self.consumer.position([tp])
-                offset = position.offset if position.offset >= 0 else low
-                if high >= 0 and offset >= 0:
-                    total += max(0, high - offset)
-        except Exception as exc:  # lag is advisory; never stop inference over it
-            log.debug("lag unavailable: %s", exc)
-        return total
+    def healthy(self) -> bool:
+        """No stage has failed (the consumer is stopping if one has): ``/healthz``."""
+        return self._failure is None and self.offsets.failure is None
 
     # -- running ------------------------------------------------------------------------
     def run(
@@ -459,6 +469,15 @@ class InferenceConsumer:
         self._on_batch = on_batch
         self.classifier.warm_up((1, self.settings.batch_max_size))
         self.capacity.rate = self._first_estimate()
+        manifest = self.classifier.manifest
+        metrics.MODEL.labels(
+            model_id=manifest.model_id,
+            model_version=manifest.version,
+            provider=self.classifier.provider,
+            precision=self.classifier.precision,
+            decode_device=self.decoder.device,
+            consumer_id=self.consumer_id,
+        ).set(1)
         self.producer.start_polling()
         self.consumer.subscribe([self.images_topic], on_revoke=self._on_revoke)
         self.report_capacity(force=True)  # the admission controller may start admitting

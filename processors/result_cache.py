@@ -5,7 +5,8 @@ media key, reposts of it the same URL, copies elsewhere the same bytes. `ResultC
 keeps the newest results (bounded: `max_entries`, each for `ttl_s`) by media key, by URL
 and, for photos this worker fetched, by the SHA-256 of their bytes, all for one model:
 an entry made by another model id or version than the newest result's is never used,
-so a model upgrade empties it in effect. Lookups count hits and misses.
+so a model upgrade empties it in effect. Lookups count hits and misses (also as the
+metric ``tagstream_agent_result_cache_lookups_total``).
 
 The Faust agent fills it from the `hashtags` topic (processors/feedback.py) and answers a
 hit with a HashtagResult of its own, marked ``cached``.
@@ -18,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from infra import metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class ResultCache:
             self.hits += 1
         else:
             self.misses += 1
+        metrics.RESULT_CACHE_LOOKUPS.labels(outcome="hit" if hit else "miss").inc()
 
     def lookup(
         self, *, media_key: str | None = None, url: str | None = None, sha256: str | None = None

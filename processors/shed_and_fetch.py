@@ -23,6 +23,12 @@ a slow photo does not hold up the tweets behind it: their work proceeds, only th
 wait) and the finished-but-unacked tweets by `agent_max_unacked` (released as they are
 acked).
 
+Metrics (infra/metrics.py): tweets consumed, admitted, shed by reason, image events and
+cached results are counted once their records are delivered, so the counts match the
+topics; the controller's state, the photos being fetched and this worker's lag on
+`tweets` are published every second; ``/metrics`` and ``/healthz`` are pages of the
+worker's web server (`faust_web_port`).
+
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each photo then
 a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_rate`), or a
 DeadLetter (undecodable record; a photo that cannot be fetched). A deletion (a Tweet
@@ -40,6 +46,7 @@ from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from infra import metrics
 from infra.exceptions import CodecError, FetchError
 from infra.fetcher import FetchedImage, ImageFetcher
 from infra.inorder import InOrderWindow
@@ -189,6 +196,7 @@ class ShedAndFetch:
             if not admission.admitted:
                 keys = [p["media_key"] for p in tweet_photos]
                 return [self._shed(tweet, admission.reason, admission.detail, keys, admission)]
+        metrics.AGENT_ADMITTED.inc()
         admitted = now_ms()
         stamps = {"ingested": tweet["ingested_at_ms"], "received": received, "admitted": admitted}
         out: list[Outgoing] = []
@@ -262,14 +270,15 @@ async def deliver(
     consumed: Consumed,
     *,
     sleep: Callable[[float], Any] = asyncio.sleep,
-) -> None:
+) -> list[Outgoing]:
     """Deliver `outgoing`, waiting out a broker that is away (a resend is harmless: the
-    records are keyed). A record that cannot be encoded becomes a dead letter."""
+    records are keyed). A record that cannot be encoded becomes a dead letter. Returns
+    what was delivered."""
     delay = 0.5
     while True:
         try:
             await producer.deliver(outgoing)
-            return
+            return outgoing
         except CodecError as exc:  # a bug, not bad input: keep the tweet, as a dead letter
             log.exception("cannot encode the output of %s", consumed.source)
             outgoing = [ShedAndFetch.dead_letter(consumed, "encode", exc, payload=consumed.value)]
@@ -282,6 +291,21 @@ async def deliver(
             delay = min(delay * 2, 30.0)
 
 
+def count_delivered(outgoing: list[Outgoing]) -> None:
+    """The metrics of one tweet's records, once delivered (dead letters are counted as
+    they are built: infra/record_producer.py)."""
+    for record in outgoing:
+        if record.topic == "images":
+            metrics.AGENT_IMAGES.inc()
+        elif record.topic == "tweets.shed":
+            metrics.AGENT_SHED.labels(reason=record.value["reason"]).inc()
+        elif record.topic == "hashtags" and record.value.get("retraction"):
+            metrics.AGENT_RETRACTIONS.inc()
+        elif record.topic == "hashtags":
+            metrics.AGENT_CACHED.inc()
+            metrics.observe_result(record.value)
+
+
 async def run_agent(
     events: AsyncIterable[AckableEvent],
     stage: ShedAndFetch,
@@ -289,8 +313,10 @@ async def run_agent(
     *,
     max_in_flight: int,
     max_unacked: int,
+    read_offsets: dict[tuple[str, int], int] | None = None,
 ) -> None:
-    """Process every event of `events`, acking each in offset order once delivered."""
+    """Process every event of `events`, acking each in offset order once delivered.
+    `read_offsets` gets the last offset read of each partition (for the lag metric)."""
     in_flight = asyncio.Semaphore(max_in_flight)
     unacked = asyncio.Semaphore(max_unacked)
     window = InOrderWindow()
@@ -305,12 +331,13 @@ async def run_agent(
                 outgoing = [
                     stage.dead_letter(consumed, "shed_and_fetch", exc, payload=consumed.value)
                 ]
-            await deliver(producer, outgoing, consumed)
+            count_delivered(await deliver(producer, outgoing, consumed))
             # Delivered: the tweet is finished. Only now may it (and the finished tweets
             # after it on its partition) be acked.
             window.finish(pending)
         finally:
             in_flight.release()
+            metrics.AGENT_IN_FLIGHT.dec()
 
     def acker(event: AckableEvent) -> Callable[[], None]:
         def ready() -> None:
@@ -324,6 +351,10 @@ async def run_agent(
             await unacked.acquire()
             await in_flight.acquire()
             message = event.message
+            metrics.AGENT_CONSUMED.inc()
+            metrics.AGENT_IN_FLIGHT.inc()
+            if read_offsets is not None:
+                read_offsets[(message.topic, message.partition)] = message.offset
             source = SourceRef(message.topic, message.partition, message.offset, event.key)
             # Tracked in consumption order, which is offset order per partition.
             pending = window.track((message.topic, message.partition), acker(event))
@@ -384,6 +415,41 @@ class Feedback:
             self.admission.set_classes(result["scores"])
 
 
+def publish_state(admission: AdmissionController) -> None:
+    """The controller's state now, and the photos being fetched, into the metrics."""
+    state = admission.snapshot().state
+    metrics.ADMISSION_MODE.state(state.mode)
+    metrics.ADMISSION_RATE.set(state.rate)
+    metrics.ADMISSION_CAPACITY.set(state.capacity)
+    metrics.ADMISSION_BACKLOG.set(state.backlog)
+    metrics.ADMISSION_DELAY.set(state.delay_s)
+    metrics.ADMISSION_SHARE.set(state.share)
+    metrics.ADMISSION_CONSUMERS.set(state.consumers)
+    metrics.FETCHING.set(admission.fetching)
+
+
+async def publish_lag(
+    app: Any, group: str, topic: str, read_offsets: dict[tuple[str, int], int]
+) -> None:
+    """This worker's lag on each of its partitions of `topic`: the high watermark of the
+    last fetch less the next offset to read (from what the agent read, or the consumer's
+    position before it read anything)."""
+    lags: dict[tuple[str, int], int] = {}
+    try:
+        for tp in app.consumer.assignment():
+            if tp.topic != topic:
+                continue
+            end = app.consumer.highwater(tp)
+            last = read_offsets.get((tp.topic, tp.partition))
+            position = last + 1 if last is not None else await app.consumer.position(tp)
+            if end is not None and end >= 0 and position is not None and position >= 0:
+                lags[(tp.topic, tp.partition)] = max(0, end - position)
+    except Exception as exc:  # not started, or rebalancing: known next time
+        log.debug("lag unavailable: %s", exc)
+        return
+    metrics.set_consumer_lag(group, lags)
+
+
 def partition_share(app: Any, topic: str) -> float | None:
     """This worker's share of `topic`'s partitions, from the Faust consumer's assignment."""
     try:
@@ -401,6 +467,22 @@ def register_agent(app: Any, settings: Settings) -> None:
     codec = Codec.from_settings(settings)
     admission = admission_from_settings(settings)
     cache = ResultCache(max_entries=settings.result_cache_size, ttl_s=settings.result_cache_ttl_s)
+    read_offsets: dict[tuple[str, int], int] = {}
+    metrics.expose(metrics.AGENT, metrics.FETCH)
+
+    @app.page("/metrics")
+    async def metrics_page(view: Any, request: Any) -> Any:
+        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+        return view.bytes(body, headers={"Content-Type": content_type})
+
+    @app.page("/healthz")
+    async def healthz_page(view: Any, request: Any) -> Any:
+        return view.json({"status": "ok"})
+
+    @app.timer(1.0)
+    async def publish_metrics() -> None:
+        publish_state(admission)
+        await publish_lag(app, app.conf.id, tweets_topic, read_offsets)
 
     @app.timer(1.0)
     async def follow_the_share() -> None:
@@ -429,6 +511,7 @@ def register_agent(app: Any, settings: Settings) -> None:
                     producer,
                     max_in_flight=settings.agent_max_in_flight,
                     max_unacked=settings.agent_max_unacked,
+                    read_offsets=read_offsets,
                 )
         finally:
             feedback.reader.stop()

@@ -17,10 +17,15 @@ page already open keeps the cards it has drawn until it is reloaded.
 Nothing here knows about Kafka: the caller's consumer thread calls `SampledSink.add`
 for every decoded result while the gallery is served from an asyncio loop, so the sink
 guards its state with a lock.
+
+The gallery also serves ``/metrics`` (every metric of the process: infra/metrics.py; the
+sink counts results seen, sampled and withdrawn, and the pages polling it), and
+``/api/status``, the figures of the page's status strip (processors/status.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -36,9 +41,12 @@ from typing import Any
 
 from aiohttp import web
 
+from infra import metrics
+from processors.status import GalleryStatus, SinkView
 from schemas.records import retracts
 
 __all__ = [
+    "GalleryClients",
     "SampledSink",
     "WindowedReservoir",
     "make_gallery_app",
@@ -220,6 +228,7 @@ class SampledSink:
     ) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
+        metrics.expose(metrics.SINK)
         self.out_dir = Path(out_dir)
         self.thumbs_dir = self.out_dir / THUMBS_DIR
         self.samples_path = self.out_dir / SAMPLES_FILE
@@ -235,6 +244,8 @@ class SampledSink:
         self._seen = 0
         self._sampled = 0
         self._withdrawn = 0
+        #: The results it read, for the status strip when no Prometheus is configured.
+        self.view = SinkView()
         self._load_tail()
 
     # Ingest ---------------------------------------------------------------------
@@ -249,8 +260,11 @@ class SampledSink:
             withdrawal = self._retractions.get(result.get("tweet_id") or "")
             if withdrawal is not None and retracts(withdrawal, result):
                 self._withdrawn += 1
+                metrics.SINK_WITHDRAWN.inc()
                 return
             self._seen += 1
+            metrics.SINK_SEEN.inc()
+            self.view.result(result)
             for sample in self._reservoir.offer(result):
                 self._write_window(sample)
 
@@ -263,13 +277,16 @@ class SampledSink:
         self._retractions.move_to_end(tweet_id)
         if len(self._retractions) > _RETRACTIONS_KEPT:
             self._retractions.popitem(last=False)
-        self._withdrawn += self._reservoir.discard(lambda r: retracts(withdrawal, r))
+        discarded = self._reservoir.discard(lambda r: retracts(withdrawal, r))
+        self._withdrawn += discarded
+        metrics.SINK_WITHDRAWN.inc(discarded)
         gone = [r["seq"] for r in self._recent if retracts(withdrawal, r)]
         if gone:
             self._recent = deque(
                 (r for r in self._recent if r["seq"] not in gone), maxlen=self.keep
             )
             self._withdrawn += len(gone)
+            metrics.SINK_WITHDRAWN.inc(len(gone))
             with self.samples_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"retracted": gone, "tweet_id": tweet_id}) + "\n")
 
@@ -337,6 +354,7 @@ class SampledSink:
             fh.writelines(lines)
         self._recent.extend(records)
         self._sampled += len(records)
+        metrics.SINK_SAMPLED.inc(len(records))
 
     def _load_tail(self) -> None:
         """Reload the last `keep` samples of an earlier run so the gallery is not empty."""
@@ -375,7 +393,44 @@ class SampledSink:
 
 # Gallery ------------------------------------------------------------------------------
 
+
+class GalleryClients:
+    """Pages that polled in the last `active_s` seconds (the page sends a random id per
+    load; without one, its address stands in), at most `keep` remembered."""
+
+    def __init__(
+        self,
+        *,
+        active_s: float = 10.0,
+        keep: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.active_s = active_s
+        self.keep = keep
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def seen(self, client: str) -> None:
+        with self._lock:
+            self._last[client] = self._clock()
+            self._last.move_to_end(client)
+            while len(self._last) > self.keep:
+                self._last.popitem(last=False)
+
+    def count(self) -> int:
+        with self._lock:
+            since = self._clock() - self.active_s
+            while self._last and next(iter(self._last.values())) < since:
+                self._last.popitem(last=False)
+            return len(self._last)
+
+
 _SINK_KEY: web.AppKey[SampledSink] = web.AppKey("sink", SampledSink)
+_STATUS_KEY: web.AppKey[GalleryStatus] = web.AppKey("status", GalleryStatus)
+_CLIENTS_KEY: web.AppKey[GalleryClients] = web.AppKey("clients", GalleryClients)
+#: A page's client id: what the page makes (crypto.randomUUID), nothing longer.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 @web.middleware
@@ -400,9 +455,24 @@ async def _api_samples(request: web.Request) -> web.Response:
         limit = int(request.query["limit"]) if "limit" in request.query else None
     except ValueError:
         raise web.HTTPBadRequest(text="after and limit must be integers") from None
+    client = request.query.get("client", "")
+    if not _CLIENT_ID.fullmatch(client):
+        client = f"address:{request.remote}"
+    request.app[_CLIENTS_KEY].seen(client)
     samples = sink.samples(after=after, limit=limit)
     body = {"samples": samples, "last_seq": sink.last_seq, "stats": sink.stats()}
     return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def _api_status(request: web.Request) -> web.Response:
+    # Off the loop: with a Prometheus configured, this asks it over HTTP.
+    figures = await asyncio.to_thread(request.app[_STATUS_KEY].status)
+    return web.json_response(_json_safe(figures), headers={"Cache-Control": "no-store"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _thumb(request: web.Request) -> web.StreamResponse:
@@ -424,24 +494,33 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "last_seq": request.app[_SINK_KEY].last_seq})
 
 
-def make_gallery_app(sink: SampledSink) -> web.Application:
-    """The gallery: ``/``, ``/api/samples?after=SEQ``, ``/thumbs/{name}``, ``/healthz``."""
+def make_gallery_app(sink: SampledSink, *, prometheus_url: str | None = None) -> web.Application:
+    """The gallery: ``/``, ``/api/samples?after=SEQ``, ``/api/status``, ``/thumbs/{name}``,
+    ``/healthz`` and ``/metrics``. The status strip reads `prometheus_url` when given."""
     app = web.Application(middlewares=[_security_headers])
     app[_SINK_KEY] = sink
+    app[_STATUS_KEY] = GalleryStatus(sink.view, prometheus_url=prometheus_url)
+    clients = app[_CLIENTS_KEY] = GalleryClients()
+    metrics.GALLERY_CLIENTS.set_function(clients.count)
     app.router.add_get("/", _page)
     app.router.add_get("/api/samples", _api_samples)
+    app.router.add_get("/api/status", _api_status)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/thumbs/{name}", _thumb)
     app.router.add_get("/healthz", _healthz)
     app.router.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
     return app
 
 
-async def serve_gallery(sink: SampledSink, *, host: str, port: int) -> tuple[web.AppRunner, str]:
+async def serve_gallery(
+    sink: SampledSink, *, host: str, port: int, prometheus_url: str | None = None
+) -> tuple[web.AppRunner, str]:
     """Start the gallery on `host`:`port` (0: a free port); return the runner and its URL.
 
     Stop it with ``await runner.cleanup()``.
     """
-    runner = web.AppRunner(make_gallery_app(sink), access_log=None)
+    app = make_gallery_app(sink, prometheus_url=prometheus_url)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -50,6 +50,7 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from infra import metrics
 from infra.exceptions import CodecError, TagstreamError
 from infra.record_producer import SourceRef
 from producers.posts import Backoff, PostGate, TagFilter
@@ -357,6 +358,8 @@ class Jetstream:
                 delay = self._backoff.next()
                 self.backoffs.append(delay)
                 log.warning("Jetstream: %s; reconnecting in %.1f s", failure, delay)
+                metrics.SOURCE_RECONNECTS.labels(source="bluesky").inc()
+                metrics.SOURCE_BACKOFF.labels(source="bluesky").inc(delay)
                 await self._sleep(delay)
 
     async def _one_connection(self) -> AsyncIterator[Frame]:

@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import SecretStr
 
+from infra import metrics
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.record_producer import SourceRef
 from producers.posts import Backoff, PostGate, TagFilter
@@ -458,6 +459,8 @@ class MastodonStreams:
                         delay = retry_s
                     self.backoffs.append(delay)
                     log.warning("mastodon %s: %s; reconnecting in %.1f s", stream, failure, delay)
+                    metrics.SOURCE_RECONNECTS.labels(source="mastodon").inc()
+                    metrics.SOURCE_BACKOFF.labels(source="mastodon").inc(delay)
                     await self._sleep(delay)
         except asyncio.CancelledError:
             raise

@@ -26,7 +26,9 @@ written once:
   post's results (docs/sources.md), not as a result, a shed record or a dead letter;
 - the raw archive of what was read (``--archive``: producers/archive.py), each line
   tagged with the source's `archive_format` so that replay knows how to read it back;
-- counters, a progress line every few seconds, and a clean stop (read no more, flush);
+- counters (returned, and as metrics: infra/metrics.py, ``tagstream_source_*``; dead
+  letters are counted as they are built), a progress line every few seconds, and a clean
+  stop (read no more, flush);
 - resume positions: when a source gives items a ``position``, the pump hands the
   newest position whose item, and every item before it, was delivered to a
   `PositionFile`, so a restart resumes there (`TweetSource.start_after`).
@@ -57,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from infra import metrics
 from infra.exceptions import CodecError, ConfigurationError
 from infra.inorder import InOrderWindow
 from infra.record_producer import RecordProducer, SourceRef
@@ -200,6 +203,7 @@ async def pump(
     `positions`) is saved then too.
     """
     counts: Counter[str] = Counter(tweets=0, dead_letters=0)
+    metrics.expose(metrics.SOURCE)
     tracker = _Positions(positions) if positions is not None else None
     if positions is not None:
         saved = positions.load()
@@ -252,6 +256,7 @@ async def _read(
                     if delay > 0:
                         await sleep(delay)
                         counts["waits"] += 1
+            metrics.SOURCE_READ.labels(source=source.name).inc()
             if archive is not None and item.raw is not None:
                 archive.write(item.raw, line_format=source.archive_format)
                 counts["archived"] += 1
@@ -261,6 +266,7 @@ async def _read(
             if item.skipped is not None:
                 counts["skipped"] += 1
                 counts[f"skipped_{item.skipped}"] += 1
+                metrics.SOURCE_SKIPPED.labels(source=source.name, reason=item.skipped).inc()
                 if delivered is not None:
                     delivered(None)
             elif item.rejected is not None:
@@ -272,6 +278,7 @@ async def _read(
                 seen = (tweet_id, operation, item.tweet.get("revision"))
                 if source.repeats and seen in recent:
                     counts["duplicates"] += 1
+                    metrics.SOURCE_DUPLICATES.labels(source=source.name).inc()
                     if delivered is not None:
                         delivered(None)
                 else:
@@ -288,6 +295,9 @@ async def _read(
                         _reject(source, producer, Rejected(raw, str(e), where), counts, delivered)
                     else:
                         counts[_COUNTED_AS.get(operation, "tweets")] += 1
+                        metrics.SOURCE_PRODUCED.labels(
+                            source=source.name, operation=operation
+                        ).inc()
             now = clock()
             if tracker is not None and now - last_save >= SAVE_EVERY_S:
                 tracker.save()

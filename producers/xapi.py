@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from pydantic import SecretStr
 
+from infra import metrics
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.record_producer import SourceRef
 from infra.settings import Settings
@@ -250,6 +251,7 @@ class FilteredStream(XApiClient):
         max_reconnects: int | None = None,
     ) -> None:
         super().__init__(base_url=base_url, bearer_token=bearer_token)
+        metrics.expose(metrics.SOURCE)  # rule syncs and reconnects: a source's metrics
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock
@@ -274,6 +276,7 @@ class FilteredStream(XApiClient):
         self, method: str, *, body: dict | None = None, dry_run: bool = False
     ) -> dict[str, Any]:
         params = {"dry_run": "true"} if dry_run else None
+        outcome = "error"
         try:
             async with self._http().request(
                 method,
@@ -284,11 +287,14 @@ class FilteredStream(XApiClient):
             ) as resp:
                 text = await resp.text()
                 status = resp.status
+            outcome = f"http_{status // 100}xx"
         except (TimeoutError, aiohttp.ClientError) as e:
             # `from None`: aiohttp errors can carry the request and its headers.
             raise XApiError(
                 self._redact(f"{method} {RULES_PATH}: {type(e).__name__}: {e}")
             ) from None
+        finally:
+            metrics.RULE_SYNC_CALLS.labels(method=method, outcome=outcome).inc()
         try:
             payload = json.loads(text) if text else {}
         except ValueError:
@@ -401,6 +407,8 @@ class FilteredStream(XApiClient):
                 delay = self._backoff(failure)
                 self.backoffs.append(delay)
                 log.warning("X stream: %s; reconnecting in %.2f s", failure.reason, delay)
+                metrics.SOURCE_RECONNECTS.labels(source="twitter").inc()
+                metrics.SOURCE_BACKOFF.labels(source="twitter").inc(delay)
                 await self._sleep(delay)
 
     async def _one_connection(self) -> AsyncIterator[dict[str, Any] | MalformedLine]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,43 @@ def cmd_serve_images(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _serving_metrics(settings, *, health=None) -> Iterator[Any]:
+    """``/metrics`` and ``/healthz`` on the metrics port for as long as the block runs."""
+    from infra.metrics import serve_metrics
+
+    server = serve_metrics(settings, health=health)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _hand_over_figures(settings, server) -> None:
+    """A source that ended on its own: let one more scrape take its last figures."""
+    if settings.metrics_final_scrape_s > 0:
+        server.wait_for_scrape(settings.metrics_final_scrape_s)
+
+
+def _produce(settings, main) -> Any:
+    """A source command: coroutine function `main(stop)` with SIGINT/SIGTERM setting
+    `stop` and the metrics served; a run that ends on its own hands its figures over."""
+    stopped = False
+
+    async def watched(stop: asyncio.Event) -> Any:
+        nonlocal stopped
+        try:
+            return await main(stop)
+        finally:
+            stopped = stop.is_set()
+
+    with _serving_metrics(settings) as server:
+        result = _run_with_signals(watched)
+        if not stopped:
+            _hand_over_figures(settings, server)
+    return result
+
+
 def _run_with_signals(main) -> Any:
     """Run coroutine function `main(stop)` with SIGINT/SIGTERM setting `stop`."""
 
@@ -113,8 +152,8 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
     )
     positions = PositionFile(Path(args.state)) if args.state else None
     wait_for_broker(settings)
-    counts = _run_with_signals(
-        lambda stop: run_source(settings, source, stop=stop, positions=positions)
+    counts = _produce(
+        settings, lambda stop: run_source(settings, source, stop=stop, positions=positions)
     )
     print(f"produced {counts['tweets']} synthetic tweets", flush=True)
     return 0
@@ -165,7 +204,8 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
             if archive is not None:
                 archive.close()
 
-    counts = _run_with_signals(run)
+    # A dry run only checks the rules: nothing to scrape.
+    counts = _run_with_signals(run) if args.dry_run else _produce(settings, run)
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
     return 0
@@ -198,7 +238,7 @@ def _produce_from(settings, source, args, *, positions=None) -> Counter[str]:
             if archive is not None:
                 archive.close()
 
-    return _run_with_signals(run)
+    return _produce(settings, run)
 
 
 def cmd_produce_bluesky(args: argparse.Namespace) -> int:
@@ -255,15 +295,17 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     try:
-        counts = replay(
-            settings,
-            archive=Path(args.archive) if args.archive is not None else None,
-            topic=args.topic,
-            start=parse_bound(args.start) if args.start is not None else None,
-            stop=parse_bound(args.stop) if args.stop is not None else None,
-            speed=args.speed,
-            run_id=args.run_id,
-        )
+        with _serving_metrics(settings) as server:
+            counts = replay(
+                settings,
+                archive=Path(args.archive) if args.archive is not None else None,
+                topic=args.topic,
+                start=parse_bound(args.start) if args.start is not None else None,
+                stop=parse_bound(args.stop) if args.stop is not None else None,
+                speed=args.speed,
+                run_id=args.run_id,
+            )
+            _hand_over_figures(settings, server)  # Ctrl-C raises past this
     except OSError as e:  # an archive that cannot be read (our own errors: see main)
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -379,7 +421,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     classifier = OnnxClassifier.from_settings(model_dir, settings)
     wait_for_broker(settings)
     stop = _stop_on_signals()
-    stats = InferenceConsumer(settings, classifier, group_id=args.group).run(stop=stop)
+    consumer = InferenceConsumer(settings, classifier, group_id=args.group)
+    with _serving_metrics(settings, health=consumer.healthy):
+        stats = consumer.run(stop=stop)
     print(
         f"inference: {stats.images} images in {stats.batches} batches "
         f"(mean {stats.mean_batch:.1f}), {stats.images_per_s:.1f} images/s, "

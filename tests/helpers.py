@@ -158,3 +158,41 @@ def doc_snippets(path) -> dict[str, dict]:
         assert name, f"{path}: a python block defines nothing to test:\n{block}"
         found[name.group(1)] = namespace
     return found
+
+
+class MetricDeltas:
+    """How the process's Prometheus samples (infra/metrics.py) moved since this was made:
+    metrics are process-wide, so tests compare before and after their own work."""
+
+    def __init__(self) -> None:
+        self.before = self.read()
+
+    @staticmethod
+    def read() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        # Every metric, exposed by this process or not.
+        from infra.metrics import ALL
+
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in ALL
+            for family in metric.collect()
+            for sample in family.samples
+        }
+
+    def now(self, name: str, **labels: str) -> float:
+        """The sample's value now (0 when it does not exist)."""
+        return self.read().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def delta(self, name: str, **labels: str) -> float:
+        """How much one sample (a name with exactly these labels) grew."""
+        key = (name, tuple(sorted(labels.items())))
+        return self.read().get(key, 0.0) - self.before.get(key, 0.0)
+
+    def delta_sum(self, name: str, **labels: str) -> float:
+        """How much the samples of `name` whose labels include `labels` grew, together."""
+        want = set(labels.items())
+
+        def total(samples: dict) -> float:
+            return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+        return total(self.read()) - total(self.before)

@@ -35,14 +35,19 @@ class RunningPipeline:
         self.log_dir = log_dir
         self.group = ProcessGroup(env=child_env(settings_env(settings, **env)), log_dir=log_dir)
         self.argv: dict[str, list[str]] = {}
+        self.env: dict[str, dict[str, str]] = {}
         self.kills: Counter[str] = Counter()
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        """Start `faust`, or `tagstream ARGS` under `name` (e.g. "infer", "sink")."""
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `faust`, or `tagstream ARGS` under `name` (e.g. "infer", "sink"), with
+        `env` on top of the pipeline's settings (a metrics port of its own, say)."""
         if name not in self.argv:
             argv = faust_argv(self.settings) if name == "faust" else tagstream_argv(*args)
             self.argv[name] = argv
-        return self.group.start(name, self.argv[name])
+            self.env[name] = env or {}
+        return self.group.start(name, self.argv[name], env=self.env[name])
 
     def kill(self, name: str) -> None:
         """kill -9: no flush, no commit, no goodbye."""
@@ -52,7 +57,7 @@ class RunningPipeline:
         self.kills[name] += 1
 
     def restart(self, name: str) -> subprocess.Popen[bytes]:
-        return self.group.start(name, self.argv[name])
+        return self.group.start(name, self.argv[name], env=self.env[name])
 
     def alive(self, name: str) -> bool:
         return self.group.processes[name].poll() is None
@@ -135,6 +140,7 @@ class Ledger:
         self.shed_ids: Counter[str] = Counter()
         self.dead_keys: Counter[str] = Counter()
         self.dead_sources: set[tuple[str, int, int]] = set()
+        self.dead_stages: Counter[str] = Counter()  # dead letters by the stage that failed
         self.tweet_copies: Counter[str] = Counter()
         self.results: list[dict] = []  # without thumbnails
         self.shed: list[dict] = []
@@ -161,6 +167,8 @@ class Ledger:
             self.tweet_copies[tweet["id"]] += 1
             return
         record = self.codec.decode(self.TOPICS[short], value)
+        if short == "deadletter":
+            self.dead_stages[record["stage"]] += 1
         if short == "hashtags":
             self.result_keys[record["media_key"]] += 1
             record.pop("thumbnail", None)

@@ -1,4 +1,4 @@
-// Live gallery of sampled HashtagResult records.
+// Live gallery of sampled HashtagResult records, and the status strip of the pipeline.
 //
 // Every string that comes from a tweet or a model reaches the DOM through textContent
 // or a plain property (img.alt, title), never innerHTML: tweet text is attacker-chosen.
@@ -18,6 +18,22 @@
     shown: document.getElementById("stat-shown"),
   };
 
+  const strip = {
+    tweetsIn: document.getElementById("status-in"),
+    resultsOut: document.getElementById("status-out"),
+    shed: document.getElementById("status-shed"),
+    dead: document.getElementById("status-dead"),
+    p50: document.getElementById("status-p50"),
+    p99: document.getElementById("status-p99"),
+    lag: document.getElementById("status-lag"),
+    source: document.getElementById("status-source"),
+  };
+  // One id per page load: the sink counts the pages polling it (tagstream_sink_gallery_clients).
+  const clientId =
+    window.crypto && crypto.randomUUID
+      ? crypto.randomUUID()
+      : Math.random().toString(36).slice(2) + Date.now().toString(36);
+
   let lastSeq = 0;
 
   const fmtInt = (n) => (Number.isFinite(n) ? n.toLocaleString("en-US") : "–");
@@ -26,6 +42,27 @@
     if (ms < 1000) return `${Math.round(ms)} ms`;
     if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
     return `${(ms / 60000).toFixed(1)} min`;
+  }
+
+  const num = (x) => typeof x === "number" && Number.isFinite(x);
+  const fmtRate = (x) => (num(x) ? `${x < 10 ? x.toFixed(1) : Math.round(x)}/s` : "–");
+  const fmtShare = (x) => (num(x) ? `${(x * 100).toFixed(x < 0.1 ? 1 : 0)}%` : "–");
+  const fmtSeconds = (x) => (num(x) ? fmtLatency(x * 1000) : "–");
+
+  function renderStatus(s) {
+    strip.tweetsIn.textContent = fmtRate(s.tweets_in_per_s);
+    strip.resultsOut.textContent = fmtRate(s.results_per_s);
+    strip.shed.textContent = fmtShare(s.shed_fraction);
+    strip.dead.textContent = fmtRate(s.dead_letters_per_s);
+    strip.p50.textContent = fmtSeconds(s.latency_p50_s);
+    strip.p99.textContent = fmtSeconds(s.latency_p99_s);
+    const groups = Object.entries(s.lag || {});
+    strip.lag.textContent = groups.length
+      ? groups.map(([group, n]) => `${group} ${fmtInt(n)}`).join(" · ")
+      : "–";
+    strip.source.textContent =
+      s.source === "prometheus" ? "from Prometheus" : "from the sink's own view";
+    strip.source.title = s.note || "";
   }
 
   function buildCard(s) {
@@ -109,10 +146,14 @@
 
   async function poll() {
     try {
-      const resp = await fetch(`api/samples?after=${lastSeq}`, { cache: "no-store" });
+      const resp = await fetch(`api/samples?after=${lastSeq}&client=${clientId}`, {
+        cache: "no-store",
+      });
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       if (!render(await resp.json())) return poll();
       setStatus("live", "live");
+      const status = await fetch("api/status", { cache: "no-store" });
+      if (status.ok) renderStatus(await status.json());
     } catch (err) {
       setStatus("offline", "reconnecting…");
     }

@@ -1,4 +1,5 @@
-"""The gallery in a real (headless) Chromium: cards render and tweet text stays text.
+"""The gallery in a real (headless) Chromium: cards render, tweet text stays text, and the
+status strip shows the run's figures.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``); skipped without it.
 """
@@ -9,6 +10,7 @@ import asyncio
 import html
 import io
 import random
+import re
 import struct
 import subprocess
 from pathlib import Path
@@ -74,6 +76,7 @@ def _make_sink(out_dir: Path) -> SampledSink:
     # Added last so it is the newest card, first in the grid.
     sink.add(_result(0, text=XSS_TEXT, thumbnail=_jpeg(colors[0])))
     sink.flush()
+    sink.view.set_lag("tagstream-sink", 3)  # as its consumer thread reports it
     return sink
 
 
@@ -135,6 +138,17 @@ def test_gallery_renders_cards_and_escapes_tweet_text(tmp_path: Path) -> None:
     assert f'<p class="text">{html.escape(XSS_TEXT, quote=False)}</p>' in first
     assert "<script>document.title" not in dom
     assert '<img src="x"' not in dom and "<img src=x" not in dom
+
+    # The status strip: the figures of the sink's own view (no Prometheus here), rendered
+    # by the page from /api/status; what only Prometheus knows is a dash, not a zero.
+    def strip(name: str) -> str:
+        return re.search(rf'id="status-{name}"[^>]*>([^<]*)<', dom).group(1)  # type: ignore[union-attr]
+
+    assert re.fullmatch(r"\d+(\.\d)?/s", strip("out")), strip("out")
+    assert strip("p50") == "260 ms" and strip("p99") == "340 ms"
+    assert strip("lag") == "tagstream-sink 3"
+    assert strip("in") == strip("shed") == strip("dead") == "–"
+    assert strip("source") == "from the sink's own view"
     title = dom.split("<title>", 1)[1].split("</title>", 1)[0]
     assert title == "tagstream gallery"
     assert "pwned" not in title

@@ -37,7 +37,7 @@ from producers.bluesky import (
 from producers.posts import PostGate, TagFilter
 from producers.source import PositionFile, pump
 from schemas.codec import Codec
-from tests.helpers import RecordingProducer, Sleeps, serve_locally
+from tests.helpers import MetricDeltas, RecordingProducer, Sleeps, serve_locally
 
 CDN = "https://cdn.example"
 T0 = 1_725_911_162_000_000
@@ -398,6 +398,7 @@ def test_every_image_post_once_across_drops_refusals_and_malformed_frames() -> N
             [("send", 5)],
         ],
     )
+    moved = MetricDeltas()
     counts, producer, stream, sleeps = run_source(fake, max_tweets=len(KEPT), idle_timeout_s=0.5)
 
     sent = producer.of("tweets")
@@ -421,6 +422,9 @@ def test_every_image_post_once_across_drops_refusals_and_malformed_frames() -> N
     assert cursors == [None] + [str(events[i]["time_us"]) for i in (4, 4, 7, 8)]
     assert stream.counters["replayed"] == 1 + 1 + 2
     assert sleeps.delays == [1.0, 2.0, 1.0, 1.0]  # each frame read resets the back-off
+    assert moved.delta("tagstream_source_reconnects_total", source="bluesky") == 4
+    assert moved.delta("tagstream_source_backoff_seconds_total", source="bluesky") == 5.0
+    assert moved.delta("tagstream_source_skipped_total", source="bluesky", reason="no_image") == 1
     assert stream.counters["http_503"] == 1 and stream.counters["stalls"] == 1
     letters = {d["payload"]: d for d in producer.of("deadletter")}
     assert {b"{not json", b"(\xb5/\xfd zstd", b'{"kind": "commit"}', b"[1, 2]"} < set(letters)

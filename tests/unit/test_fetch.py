@@ -17,7 +17,7 @@ from infra.demo_images import render_demo_jpeg
 from infra.exceptions import RejectedFetchError, TransientFetchError
 from infra.fetcher import FetchedImage, ImageFetcher, sniff_image_type
 from infra.image_server import HUGE_BYTES_SENT, start_image_server, truth_from_url
-from tests.helpers import Sleeps
+from tests.helpers import MetricDeltas, Sleeps
 
 
 def fetcher(**overrides: Any) -> ImageFetcher:
@@ -203,6 +203,46 @@ def test_unsafe_urls_are_refused_without_connecting(url: str, pattern: str) -> N
         assert url in str(info.value)
 
     asyncio.run(main())
+
+
+def test_each_failure_has_its_cause_and_the_metrics_count_them() -> None:
+    cases = {
+        "/status/404/gone.jpg": (RejectedFetchError, "http_4xx"),
+        "/status/503/busy": (TransientFetchError, "http_5xx"),
+        "/status/429/later": (TransientFetchError, "http_429"),
+        "/slow/dogs/1.jpg?delay=10": (TransientFetchError, "timeout"),
+        "/html/cat.jpg": (RejectedFetchError, "not_image"),
+        "/huge/big.jpg?mb=50": (RejectedFetchError, "too_large"),
+    }
+
+    async def body(_runner: web.AppRunner, base: str) -> None:
+        async with fetcher(retries=1, max_bytes=200_000) as f:
+            got = await f.fetch(f"{base}/img/cats/7.jpg")
+            assert len(got.data) > 0
+            for path, (kind, cause) in cases.items():
+                with pytest.raises(kind) as info:
+                    await f.fetch(base + path)
+                assert info.value.cause == cause, (path, info.value)
+            for url, cause in [
+                ("ftp://example.com/a.jpg", "scheme"),
+                ("http://10.0.0.1/a.jpg", "blocked"),
+                (f"{base}/redirect?to={quote('http://10.0.0.1/x.jpg')}", "blocked"),
+            ]:
+                with pytest.raises(RejectedFetchError) as info:
+                    await f.fetch(url)
+                assert info.value.cause == cause, (url, info.value)
+
+    moved = MetricDeltas()
+    with_server(body)
+    for kind, cause in cases.values():
+        assert moved.delta("tagstream_fetch_failures_total", cause=cause) == 1, cause
+        if kind is TransientFetchError:  # retried once, then given up on
+            assert moved.delta("tagstream_fetch_retries_total", cause=cause) == 1, cause
+    assert moved.delta("tagstream_fetch_failures_total", cause="scheme") == 1
+    assert moved.delta("tagstream_fetch_failures_total", cause="blocked") == 2
+    # The one photo fetched: its latency and its bytes.
+    assert moved.delta("tagstream_fetch_seconds_count") == 1
+    assert moved.delta("tagstream_fetch_bytes_total") == len(render_demo_jpeg("cats", 7))
 
 
 def test_concurrency_is_bounded_overall_and_per_host() -> None:

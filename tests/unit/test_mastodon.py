@@ -29,7 +29,7 @@ from producers.mastodon import (
 )
 from producers.posts import TagFilter
 from producers.source import pump
-from tests.helpers import RecordingProducer, Sleeps, serve_locally
+from tests.helpers import MetricDeltas, RecordingProducer, Sleeps, serve_locally
 
 HOST = "social.example"
 
@@ -340,6 +340,7 @@ def test_two_hashtag_streams_every_image_post_once_across_drops_and_a_429() -> N
             ],
         }
     )
+    moved = MetricDeltas()
     counts, producer, streams, sleeps = run(fake, ["cats"], until=7)
 
     def key(status_id: str) -> str:  # the instance is on loopback here
@@ -364,6 +365,9 @@ def test_two_hashtag_streams_every_image_post_once_across_drops_and_a_429() -> N
     assert rules[key("106")] == [{"id": "hashtag:cat", "tag": "cats"}]
     # The drop backs off 1 s, the 429 waits its Retry-After, the end waits the `retry:`.
     assert sleeps.delays == [1.0, 7.0, 1.5]
+    assert moved.delta("tagstream_source_reconnects_total", source="mastodon") == 3
+    assert moved.delta("tagstream_source_backoff_seconds_total", source="mastodon") == 9.5
+    assert moved.delta("tagstream_source_duplicates_total", source="mastodon") == 1
     assert streams.counters["http_429"] == 1 and streams.counters["heartbeats"] >= 6
     assert sorted({stream for stream, _ in fake.requests}) == ["hashtag:cat", "hashtag:cats"]
     (letter,) = producer.of("deadletter")

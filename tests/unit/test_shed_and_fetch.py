@@ -14,7 +14,7 @@ from processors.result_cache import ResultCache
 from processors.shed_and_fetch import Consumed, ShedAndFetch, run_agent
 from schemas.codec import Codec
 from schemas.records import now_ms
-from tests.helpers import RecordingProducer
+from tests.helpers import MetricDeltas, RecordingProducer
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 64
 
@@ -285,3 +285,60 @@ def test_agent_stops_consuming_when_the_unacked_window_is_full() -> None:
         assert acks == [(0, n) for n in range(10)]
 
     asyncio.run(main())
+
+
+def test_the_agent_counts_each_outcome_once_its_records_are_delivered() -> None:
+    async def main() -> dict[tuple[str, int], int]:
+        cache = ResultCache(max_entries=100, ttl_s=60)
+        stage, codec, _ = make(cache=cache)
+        cache.add(
+            {
+                "media_key": "known", "url": "http://h/known.jpg", "hashtags": ["#cats"],
+                "top_class": "cats", "scores": {"cats": 0.5}, "model_id": "m",
+                "model_version": "1", "thumbnail": b"jpg",
+            }
+        )  # fmt: skip
+        repeat = tweet("4", ("photo", "http://h/known.jpg"))
+        repeat["ingested_at_ms"] = now_ms() - 250.0
+        gone = dict(tweet("5"), operation="delete", text="")
+        values = [
+            codec.encode("Tweet", tweet("1", ("photo", "http://h/a.jpg"))),
+            codec.encode("Tweet", tweet("2", ("video", None))),
+            codec.encode("Tweet", tweet("3", ("photo", "http://h/bad.jpg"))),
+            codec.encode("Tweet", repeat),
+            codec.encode("Tweet", gone),
+            b"\xc3\x01garbage",
+        ]
+        acks: list = []
+
+        async def feed():
+            for offset, value in enumerate(values):
+                yield FakeEvent(value, FakeMessage("tweets", 1, 100 + offset), acks)
+
+        offsets: dict[tuple[str, int], int] = {}
+        producer = RecordingProducer()
+        await run_agent(
+            feed(), stage, producer, max_in_flight=10, max_unacked=100, read_offsets=offsets
+        )
+        assert len(acks) == len(values) and len(producer.sent) == 6
+        return offsets
+
+    moved = MetricDeltas()
+    in_flight = moved.now("tagstream_agent_tweets_in_flight")
+    offsets = asyncio.run(main())
+    assert offsets == {("tweets", 1): 105}  # the last offset read, for the lag
+    assert moved.delta("tagstream_agent_tweets_consumed_total") == 6
+    assert moved.delta("tagstream_agent_tweets_admitted_total") == 3  # 1, 3 and the repeat
+    assert moved.delta("tagstream_agent_tweets_shed_total", reason="no_photo") == 1
+    assert moved.delta("tagstream_agent_images_total") == 1
+    assert moved.delta("tagstream_agent_cached_results_total") == 1
+    assert moved.delta("tagstream_agent_retractions_total") == 1
+    fetch_failed = {"stage": "fetch", "cause": "RejectedFetchError"}
+    assert moved.delta("tagstream_dead_letters_total", **fetch_failed) == 1
+    undecodable = {"stage": "decode_tweet", "cause": "CodecError"}
+    assert moved.delta("tagstream_dead_letters_total", **undecodable) == 1
+    assert moved.delta("tagstream_agent_result_cache_lookups_total", outcome="hit") == 1
+    # The cached answer is a result: its latency from ingestion is observed, by source.
+    assert moved.delta("tagstream_end_to_end_seconds_count", source="test") == 1
+    assert moved.delta("tagstream_end_to_end_seconds_sum", source="test") >= 0.25
+    assert moved.now("tagstream_agent_tweets_in_flight") == in_flight

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import random
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -14,8 +15,17 @@ from typing import Any
 import aiohttp
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from processors.sink import SampledSink, WindowedReservoir, safe_name, serve_gallery
+from processors.sink import (
+    GalleryClients,
+    SampledSink,
+    WindowedReservoir,
+    safe_name,
+    serve_gallery,
+)
+from processors.status import GalleryStatus, SinkView
+from tests.helpers import MetricDeltas
 
 XSS_TEXT = "<script>alert(1)</script> & friends"
 
@@ -405,3 +415,99 @@ def test_page_has_no_server_rendered_text(tmp_path: Path) -> None:
         assert texts[0].startswith(XSS_TEXT)
 
     asyncio.run(_with_gallery(sink, body))
+
+
+# Metrics and the status strip ------------------------------------------------------------
+
+
+def test_the_sink_counts_what_it_sees_samples_and_withdraws(tmp_path: Path) -> None:
+    moved = MetricDeltas()
+    sink = SampledSink(out_dir=tmp_path, window_s=10, per_window=2, clock=FakeClock())
+    for i in range(5):
+        sink.add(result(i))
+    sink.flush()
+    retraction = {**result(0), "retraction": True, "timestamps": {"ingested": 2000.0}}
+    sink.add(retraction)  # withdraws the sample of t0, if it was sampled
+    sink.add(result(0))  # ingested before the retraction: not taken
+    assert moved.delta("tagstream_sink_results_seen_total") == 5
+    assert moved.delta("tagstream_sink_results_sampled_total") == 2
+    assert moved.delta("tagstream_sink_results_withdrawn_total") == sink.stats()["withdrawn"] >= 1
+
+
+def test_the_gallery_serves_metrics_and_counts_the_pages_polling_it(tmp_path: Path) -> None:
+    sink = _sink_with_samples(tmp_path)
+
+    async def body(session: aiohttp.ClientSession, url: str) -> str:
+        for query in ("?client=page-a", "?client=page-b", "?client=page-a", "", "?client=<x>"):
+            async with session.get(url + "api/samples" + query) as resp:
+                assert resp.status == 200
+        async with session.get(url + "metrics") as resp:
+            assert resp.status == 200 and resp.content_type == "text/plain"
+            return await resp.text()
+
+    text = asyncio.run(_with_gallery(sink, body))
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    # Two pages with ids; the requests without a usable id share their address.
+    assert values["tagstream_sink_gallery_clients"] == 3
+    assert values["tagstream_sink_results_seen_total"] >= 3
+
+
+def test_gallery_clients_are_those_that_polled_lately() -> None:
+    clock = FakeClock()
+    clients = GalleryClients(active_s=10.0, keep=3, clock=clock)
+    for name in ("a", "b", "c"):
+        clients.seen(name)
+    clock.now += 6
+    clients.seen("a")
+    clients.seen("d")  # only 3 kept: b, the least recent, is forgotten
+    assert clients.count() == 3
+    clock.now += 6  # c, seen 12 s ago, is gone; a and d polled 6 s ago
+    assert clients.count() == 2
+
+
+def test_the_status_strip_from_the_sinks_own_view() -> None:
+    clock = FakeClock()
+    view = SinkView(window_s=60.0, clock=clock)
+    empty = view.status()
+    assert empty["results_per_s"] == 0 and empty["latency_p50_s"] is None
+    clock.now += 10
+    for ms in range(100, 1100, 10):  # 100 results, 0.1 s to 1.09 s from ingestion
+        view.result({"timestamps": {"ingested": 0.0, "produced": float(ms)}})
+    view.set_lag("t-tagstream-sink", 4)
+    status = view.status()
+    assert status["source"] == "sink"
+    assert status["results_per_s"] == pytest.approx(100 / 10)
+    assert status["latency_p50_s"] == pytest.approx(0.59)
+    assert status["latency_p99_s"] == pytest.approx(1.08)
+    assert status["lag"] == {"t-tagstream-sink": 4}
+    # What the sink cannot see without Prometheus is unknown, not zero.
+    assert status["tweets_in_per_s"] is None and status["shed_fraction"] is None
+    clock.now += 61  # the window has passed
+    assert view.status()["results_per_s"] == 0 and view.status()["latency_p99_s"] is None
+
+
+def test_the_status_strip_says_so_when_prometheus_does_not_answer(tmp_path: Path) -> None:
+    sink = _sink_with_samples(tmp_path)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    status = GalleryStatus(sink.view, prometheus_url=f"http://127.0.0.1:{port}").status()
+    assert status["source"] == "sink" and "did not answer" in status["note"]
+    assert status["results_per_s"] > 0
+
+
+def test_api_status_serves_the_strip(tmp_path: Path) -> None:
+    sink = _sink_with_samples(tmp_path, n=4)
+
+    async def body(session: aiohttp.ClientSession, url: str) -> dict:
+        async with session.get(url + "api/status") as resp:
+            assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+            return await resp.json()
+
+    status = asyncio.run(_with_gallery(sink, body))
+    assert status["source"] == "sink" and status["latency_p50_s"] == pytest.approx(0.25)
+    assert status["results_per_s"] > 0 and status["lag"] == {}

@@ -14,7 +14,7 @@ from infra.record_producer import SourceRef
 from producers.archive import StreamArchive, read_archive
 from producers.source import PositionFile, Rejected, SourceItem, TweetSource, pump
 from schemas.records import deletion, media, tweet
-from tests.helpers import RecordingProducer
+from tests.helpers import MetricDeltas, RecordingProducer
 
 
 def post(n: int, *, operation: str = "create", revision: str | None = None) -> Any:
@@ -69,6 +69,7 @@ def test_skips_repeats_operations_and_archive_format(tmp_path: Path) -> None:
     ]
     producer = RecordingProducer()
     positions = PositionFile(tmp_path / "state.json")
+    moved = MetricDeltas()
     with StreamArchive(tmp_path / "archive") as archive:
         counts = asyncio.run(
             pump(ListSource(items), producer, archive=archive, positions=positions)  # type: ignore[arg-type]
@@ -77,6 +78,15 @@ def test_skips_repeats_operations_and_archive_format(tmp_path: Path) -> None:
     assert counts["duplicates"] == 1 and counts["dead_letters"] == 1
     assert counts["skipped"] == 2
     assert counts["skipped_no_image"] == 1 and counts["skipped_other_collection"] == 1
+    # The same counts as metrics, by source (and operation, reason, stage).
+    fake = {"source": "fake"}
+    assert moved.delta("tagstream_source_items_read_total", **fake) == len(items)
+    for operation in ("create", "update", "delete"):
+        produced = "tagstream_source_tweets_produced_total"
+        assert moved.delta(produced, **fake, operation=operation) == 1, operation
+    assert moved.delta("tagstream_source_duplicates_total", **fake) == 1
+    assert moved.delta("tagstream_source_skipped_total", **fake, reason="no_image") == 1
+    assert moved.delta("tagstream_dead_letters_total", stage="fake", cause="CodecError") == 1
     sent = producer.of("tweets")
     assert [(t["id"], t["operation"]) for t in sent] == [
         ("net:1", "create"),

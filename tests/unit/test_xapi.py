@@ -31,7 +31,7 @@ from producers.xapi import (
     targeted_rules,
 )
 from schemas.records import photos
-from tests.helpers import Sleeps, run_cli, serve_locally
+from tests.helpers import MetricDeltas, Sleeps, run_cli, serve_locally
 
 TOKEN = "tok-very-secret-123"
 Step = tuple[Any, ...]
@@ -249,10 +249,14 @@ def test_network_errors_back_off_linearly_up_to_16_s() -> None:
     async def body() -> None:
         # Nothing listens on this port: every connect is refused at once.
         stream = client(f"http://127.0.0.1:{free_port()}", max_reconnects=70)
+        moved = MetricDeltas()
         async with stream:
             with pytest.raises(XApiError, match="gave up after 70 reconnects"):
                 await take(stream, 1)
         assert stream.backoffs == [min(0.25 * n, 16.0) for n in range(1, 71)]
+        assert moved.delta("tagstream_source_reconnects_total", source="twitter") == 70
+        backoff = moved.delta("tagstream_source_backoff_seconds_total", source="twitter")
+        assert backoff == pytest.approx(sum(stream.backoffs))
         assert stream.backoffs[63:] == [16.0] * 7
         assert stream.counters["network_errors"] == 71
 
@@ -445,6 +449,7 @@ def test_sync_rules_keeps_wanted_deletes_unwanted_adds_missing() -> None:
     ]
 
     async def body(base: str) -> None:
+        moved = MetricDeltas()
         async with client(base) as stream:
             dry = await stream.sync_rules(wanted, dry_run=True)
             assert fake.rule_posts == [
@@ -473,6 +478,10 @@ def test_sync_rules_keeps_wanted_deletes_unwanted_adds_missing() -> None:
 
             with pytest.raises(XApiError, match="Invalid Rule"):
                 await stream.sync_rules(wanted + [{"value": "INVALID (", "tag": "x"}])
+        # Every call to the rules endpoint, counted: 5 reads, 5 changes (or checks).
+        calls = "tagstream_source_rule_sync_calls_total"
+        assert moved.delta(calls, method="GET", outcome="http_2xx") == 5
+        assert moved.delta_sum(calls, method="POST") == 5
 
     fake = FakeXApi(rules=existing)
     with_fake(fake, body)
