@@ -85,7 +85,26 @@ def _decode_event(codec: Codec, prepared: Prepared) -> bool:
     return True
 
 
-class HostDecoder:
+class _PooledDecoder:
+    """What both decoders share: batch buffers, one per batch in flight, filled on a pool."""
+
+    buffers: list
+    pool: ThreadPoolExecutor
+
+    @property
+    def depth(self) -> int:
+        """Batch buffers: how many batches may be in flight."""
+        return len(self.buffers)
+
+    def wait(self, batch: Batch) -> None:
+        for future in batch.futures:
+            future.result()
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class HostDecoder(_PooledDecoder):
     """Pillow on a thread pool, each image as soon as it is consumed, into host buffers."""
 
     device = "cpu"
@@ -127,23 +146,11 @@ class HostDecoder:
     def close(self, batch: Batch) -> None:
         """Every image is already being decoded."""
 
-    @property
-    def depth(self) -> int:
-        """Batch buffers: how many batches may be in flight."""
-        return len(self.buffers)
-
-    def wait(self, batch: Batch) -> None:
-        for future in batch.futures:
-            future.result()
-
     def run_model(self, runner: BoundRunner, batch: Batch) -> np.ndarray:
         return runner.run(self.buffers[batch.slot][: len(batch)])
 
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
 
-
-class DeviceDecoder:
+class DeviceDecoder(_PooledDecoder):
     """torchvision on a device, a closed batch at a time, into buffers on that device."""
 
     def __init__(
@@ -195,24 +202,12 @@ class DeviceDecoder:
             prepared.timestamps["decoded"] = done
         batch.decode_s = time.perf_counter() - started
 
-    @property
-    def depth(self) -> int:
-        """Batch buffers: how many batches may be in flight."""
-        return len(self.buffers)
-
-    def wait(self, batch: Batch) -> None:
-        for future in batch.futures:
-            future.result()
-
     def run_model(self, runner: BoundRunner, batch: Batch) -> np.ndarray:
         rows = self.buffers[batch.slot][: len(batch)]
         if self.device == "cpu":
             return runner.run(rows.numpy())
         dtype = np.float16 if self.classifier.input_dtype == np.float16 else np.float32
         return runner.run_device(rows.data_ptr(), tuple(rows.shape), dtype)
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 Decoder = HostDecoder | DeviceDecoder

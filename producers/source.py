@@ -228,7 +228,7 @@ async def pump(
             tracker.save()
     if not reader.cancelled() and reader.exception() is not None:
         raise reader.exception()  # type: ignore[misc]
-    log.info("%s: %s", source.name, _summary(counts))
+    log.info("%s: %s", source.name, summary(counts))
     return counts
 
 
@@ -304,7 +304,7 @@ async def _read(
                 last_save = now
             if now - last_progress >= PROGRESS_EVERY_S:
                 rate = counts["tweets"] / max(now - started, 1e-9)
-                log.info("%s: %s (%.1f tweets/s)", source.name, _summary(counts), rate)
+                log.info("%s: %s (%.1f tweets/s)", source.name, summary(counts), rate)
                 last_progress = now
             if max_tweets is not None and counts["tweets"] >= max_tweets:
                 return
@@ -331,7 +331,8 @@ def _reject(
     counts["dead_letters"] += 1
 
 
-def _summary(counts: Counter[str]) -> str:
+def summary(counts: Counter[str]) -> str:
+    """Counts as one line: ``deletes=1, tweets=4, ...`` (sorted by name)."""
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 

@@ -177,6 +177,7 @@ def _no_bearer_token(settings, endpoint: str) -> bool:
 
 
 def cmd_produce_twitter(args: argparse.Namespace) -> int:
+    from producers.source import summary as source_summary
     from producers.xapi import run_twitter_producer
 
     settings = get_settings()
@@ -206,7 +207,7 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
 
     # A dry run only checks the rules: nothing to scrape.
     counts = _run_with_signals(run) if args.dry_run else _produce(settings, run)
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    summary = source_summary(counts)
     print(f"twitter{' (dry run)' if args.dry_run else ''}: {summary}", flush=True)
     return 0
 
@@ -248,6 +249,7 @@ def cmd_produce_bluesky(args: argparse.Namespace) -> int:
     from producers.bluesky import BlueskySource, Jetstream, since_cursor
     from producers.posts import TagFilter, default_classes
     from producers.source import PositionFile
+    from producers.source import summary as source_summary
 
     settings = get_settings()
     cursor = None
@@ -265,7 +267,7 @@ def cmd_produce_bluesky(args: argparse.Namespace) -> int:
     state = Path(args.state) if args.state else settings.data_dir / "bluesky-cursor.json"
     counts = _produce_from(settings, source, args, positions=PositionFile(state))
     counts.update(stream.counters)
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    summary = source_summary(counts)
     print(f"bluesky: {summary}; position saved in {state}", flush=True)
     return 0
 
@@ -275,6 +277,7 @@ def cmd_produce_mastodon(args: argparse.Namespace) -> int:
 
     from producers.mastodon import MastodonSource, MastodonStreams, streams_for
     from producers.posts import TagFilter
+    from producers.source import summary as source_summary
 
     settings = get_settings()
     tags = TagFilter(_classes(",".join(args.tag)) if args.tag else None)
@@ -285,13 +288,14 @@ def cmd_produce_mastodon(args: argparse.Namespace) -> int:
     source = MastodonSource(streams, tags=tags)
     counts = _produce_from(settings, source, args)
     counts.update(streams.counters)
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    summary = source_summary(counts)
     print(f"mastodon {streams.host}: {summary}", flush=True)
     return 0
 
 
 def cmd_produce_replay(args: argparse.Namespace) -> int:
     from producers.replay import parse_bound, replay
+    from producers.source import summary as source_summary
 
     settings = get_settings()
     try:
@@ -309,7 +313,7 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
     except OSError as e:  # an archive that cannot be read (our own errors: see main)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    summary = source_summary(counts)
     print(f"replay {counts.run_id}: {summary}", flush=True)
     return 0
 
