@@ -9,8 +9,8 @@ TagstreamError
 │   └── RejectedFetchError   never worth a retry (4xx, not an image, too big, blocked)
 ├── DecodeImageError         fetched bytes that Pillow cannot decode
 ├── ModelError               a model or manifest that cannot be used
-├── EvaluationError          an evaluation that could not run to its end
-└── Shed                     a deliberate drop (becomes a ShedRecord, not a failure)
+├── DeliveryError (a BrokerError, in infra/record_producer.py)  a record the broker refused
+└── EvaluationError          an evaluation that could not run to its end
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ __all__ = [
     "FetchError",
     "ModelError",
     "RejectedFetchError",
-    "Shed",
     "TagstreamError",
     "TransientFetchError",
 ]
@@ -69,12 +68,3 @@ class ModelError(TagstreamError):
 class EvaluationError(TagstreamError):
     """An evaluation that could not run to its end: a process of its pipeline exited, or
     the pipeline never answered."""
-
-
-class Shed(TagstreamError):
-    """A deliberate drop: carries the reason recorded on `tweets.shed`."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail

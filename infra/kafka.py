@@ -32,6 +32,10 @@ from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Bytes a record may have: a photo with its event (fetch_max_bytes stays below), and a
+#: dead letter of one with its bytes. infra/topics.py gives the topics the same limit.
+MAX_MESSAGE_BYTES = 16_000_000
+
 
 class _LibrdkafkaLog:
     """librdkafka's own log lines, at debug level: a cluster that is away makes it log
@@ -67,7 +71,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
-        "message.max.bytes": 16_000_000,
+        "message.max.bytes": MAX_MESSAGE_BYTES,
     }
     config.update(overrides)
     return config
@@ -82,7 +86,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "enable.auto.offset.store": False,
         "session.timeout.ms": settings.session_timeout_ms,
         "heartbeat.interval.ms": max(500, settings.session_timeout_ms // 6),
-        "fetch.message.max.bytes": 16_000_000,
+        "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
         # Measured: with librdkafka's 500 ms default, tansu answered each fetch only after
         # the full wait, and the inference consumer idled ~110 ms per batch.
         "fetch.wait.max.ms": settings.fetch_wait_max_ms,

@@ -8,8 +8,8 @@ default registry with `expose` (which also carries the client's own ``process_*`
 conventions: ``tagstream_<area>_<thing>_<unit>``, ``_total`` for counters, base units
 (seconds, bytes), and labels of bounded cardinality only (a reason, a stage, a cause, a
 source, a partition; never a tweet id or a URL). A new metric is added to this module,
-to `ALL`, to the Grafana dashboard if it is worth a panel (deploy/grafana/), and to the
-table in docs/architecture.md.
+to its process's group (`ALL` is built from them), to the Grafana dashboard if it is
+worth a panel (deploy/grafana/), and to the table in docs/architecture.md.
 
 Where each process serves them:
 

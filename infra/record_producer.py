@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infra import metrics
 from infra.exceptions import BrokerError
@@ -80,7 +80,30 @@ class Outgoing:
 
 
 class DeliveryError(BrokerError):
-    """A record the broker did not take."""
+    """A record the broker did not take. `permanent`: sending it again cannot help (too
+    large, invalid); otherwise the broker was away or slow, and a resend may succeed."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+#: Delivery errors that no resend fixes.
+_PERMANENT = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    }
+)
+
+
+def _delivery_error(topic: str, error: KafkaError) -> DeliveryError:
+    return DeliveryError(
+        f"delivery to {topic} failed: {error.str()}", permanent=error.code() in _PERMANENT
+    )
 
 
 def _key_bytes(key: str | bytes | None) -> bytes | None:
@@ -144,8 +167,12 @@ class RecordProducer:
         key: str | bytes | None,
         value: bytes,
         on_delivery: OnDelivery | None = None,
+        wait: bool = True,
     ) -> None:
-        """Produce bytes as they are to a full topic name (replays, tests of bad input)."""
+        """Produce bytes as they are to a full topic name (replays, tests of bad input).
+
+        With `wait` false, a full local queue raises BufferError for the caller to wait
+        in its own way (an event loop must not block)."""
         report = self._report(on_delivery)
         while True:
             try:
@@ -154,9 +181,13 @@ class RecordProducer:
                 )
                 break
             except BufferError:
+                if not wait:
+                    raise
                 # The local queue is full: backpressure, not an error. Serve delivery
                 # reports (which frees the queue) and try again.
                 self.client.poll(0.1)
+            except KafkaException as exc:  # refused before sending: too large, say
+                raise _delivery_error(full_topic, exc.args[0]) from None
         if self._poller is None:
             self.client.poll(0)
 
@@ -166,25 +197,16 @@ class RecordProducer:
         stage: str,
         error: BaseException,
         *,
-        tweet_id: str | None = None,
-        media_key: str | None = None,
-        url: str | None = None,
-        payload: bytes | None = None,
         on_delivery: OnDelivery | None = None,
+        **ids: Any,
     ) -> None:
-        """Produce the DeadLetter of `error`, raised at `stage` on the record from `source`."""
-        self.send(
-            "deadletter",
-            self.dead_letter_record(
-                source, stage, error, tweet_id=tweet_id, media_key=media_key, url=url,
-                payload=payload,
-            ),
-            key=media_key or tweet_id or source.key,
-            on_delivery=on_delivery,
-        )  # fmt: skip
+        """Produce the DeadLetter of `error`, raised at `stage` on the record from `source`
+        (`ids`: tweet_id, media_key, url, payload)."""
+        letter = self.dead_letter_outgoing(source, stage, error, **ids)
+        self.send("deadletter", letter.value, key=letter.key, on_delivery=on_delivery)
 
     @staticmethod
-    def dead_letter_record(
+    def dead_letter_outgoing(
         source: SourceRef,
         stage: str,
         error: BaseException,
@@ -193,34 +215,36 @@ class RecordProducer:
         media_key: str | None = None,
         url: str | None = None,
         payload: bytes | None = None,
-    ) -> dict:
-        """The DeadLetter record of `error` at `stage` (counted in the metrics)."""
+    ) -> Outgoing:
+        """The DeadLetter of `error` at `stage` (counted in the metrics), keyed by media key,
+        tweet id or the source record's key, in that order."""
         metrics.DEAD_LETTERS.labels(stage=stage, cause=type(error).__name__).inc()
-        return dict(
-            dead_letter(
-                source_topic=source.topic,
-                source_partition=source.partition,
-                source_offset=source.offset,
-                stage=stage,
-                error=error,
-                tweet_id=tweet_id,
-                media_key=media_key,
-                url=url,
-                payload=payload,
-            )
+        letter = dead_letter(
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            stage=stage,
+            error=error,
+            tweet_id=tweet_id,
+            media_key=media_key,
+            url=url,
+            payload=payload,
         )
+        key = media_key or tweet_id or (source.key or b"").decode("utf-8", "replace")
+        return Outgoing("deadletter", key, dict(letter))
 
     # Asynchronous delivery ----------------------------------------------------------
 
-    def send_async(
+    async def send_async(
         self, topic: str, value: Mapping[str, Any], *, key: str | bytes | None
     ) -> asyncio.Future[None]:
-        """Produce like `send`; the future settles with this record's delivery report
-        (DeliveryError when it failed). Starts the poller thread on first use."""
+        """Produce like `send`, waiting asynchronously while librdkafka's local queue is
+        full; the future settles with this record's delivery report (DeliveryError when
+        it failed). Starts the poller thread on first use."""
         full, payload = self.encode(topic, value)
-        return self._send_raw_async(full, key, payload)
+        return await self._send_raw_async(full, key, payload)
 
-    def _send_raw_async(
+    async def _send_raw_async(
         self, full_topic: str, key: str | bytes | None, payload: bytes
     ) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -230,8 +254,12 @@ class RecordProducer:
             loop.call_soon_threadsafe(_settle, future, error)
 
         self.start_polling()
-        self.send_raw(full_topic, key=key, value=payload, on_delivery=settle)
-        return future
+        while True:
+            try:
+                self.send_raw(full_topic, key=key, value=payload, on_delivery=settle, wait=False)
+                return future
+            except BufferError:  # backpressure: the poller frees the queue meanwhile
+                await asyncio.sleep(0.05)
 
     async def deliver(self, outgoing: list[Outgoing]) -> None:
         """Produce every record of `outgoing` and wait until all are delivered.
@@ -239,7 +267,9 @@ class RecordProducer:
         Raises CodecError before producing anything when a value does not fit its schema,
         and DeliveryError when the broker did not take one."""
         encoded = [(self.encode(o.topic, o.value), o.key) for o in outgoing]
-        futures = [self._send_raw_async(full, key, payload) for (full, payload), key in encoded]
+        futures = [
+            await self._send_raw_async(full, key, payload) for (full, payload), key in encoded
+        ]
         await asyncio.gather(*futures)
 
     def start_polling(self) -> None:
@@ -270,10 +300,13 @@ class RecordProducer:
                 if err is None:
                     self.delivered += 1
                 else:
-                    self.failed += 1
-                    error = DeliveryError(f"delivery to {msg.topic()} failed: {err}")
-                    if self._first_error is None:
-                        self._first_error = str(error)
+                    error = _delivery_error(msg.topic(), err)
+                    # A failure whose sender handles it (on_delivery) is its; one with no
+                    # one to tell is kept for flush() to raise.
+                    if on_delivery is None:
+                        self.failed += 1
+                        if self._first_error is None:
+                            self._first_error = str(error)
             if error is not None:
                 log.error("%s", error)
             if on_delivery is not None:

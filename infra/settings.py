@@ -88,7 +88,12 @@ class Settings(BaseSettings):
     fetch_per_host: int = Field(8, ge=1, description="image fetches in flight per host")
     fetch_connect_timeout_s: float = Field(3.0, gt=0)
     fetch_read_timeout_s: float = Field(5.0, gt=0)
-    fetch_max_bytes: int = Field(8_000_000, ge=1024, description="bytes read before giving up")
+    fetch_max_bytes: int = Field(
+        8_000_000,
+        ge=1024,
+        le=15_000_000,  # an image event must stay under the topics' 16 MB record limit
+        description="bytes of one photo read before giving up",
+    )
     fetch_retries: int = Field(2, ge=0, description="retries for transient fetch errors")
     fetch_allow_hosts: list[str] = Field(
         default_factory=list,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra.exceptions import BrokerError
-from infra.kafka import client_config
+from infra.kafka import MAX_MESSAGE_BYTES, client_config
 from infra.settings import TOPIC_NAMES, Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     for name in TOPIC_NAMES:
         partitions = 1 if name in ("capacity", "deadletter") else settings.topic_partitions
         config = {"cleanup.policy": "compact"} if name == "capacity" else {}
+        if name in ("images", "hashtags", "deadletter"):
+            # Photos, thumbnails and dead letters with their bytes: what our producers
+            # allow, so that a cluster's 1 MB default never refuses a photo.
+            config["max.message.bytes"] = str(MAX_MESSAGE_BYTES)
         specs.append(TopicSpec(settings.topic(name), TOPIC_RECORDS[name], partitions, config))
     return specs
 

@@ -2,7 +2,7 @@
 
 Hu et al. 2016 ("Network Trimming"): the Average Percentage of Zeros (APoZ) of a channel is the
 share of its post-ReLU activations that are zero over a validation set; channels that are
-mostly zero carry little and can go. The seed project zeroed such weights but kept the
+mostly zero carry little and can go. The ELEN 6889 report zeroed such weights but kept the
 layer shapes, so inference cost did not move. Here the convolutions and batch norms are
 rebuilt with fewer channels, so parameters, multiply-accumulates and the ONNX graph shrink.
 

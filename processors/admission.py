@@ -87,9 +87,13 @@ class TokenBucket:
         return self._tokens
 
     def try_take(self, n: float = 1.0, *, keep: float = 0.0) -> bool:
-        """Take `n` tokens if that leaves at least `keep`."""
+        """Take `n` tokens if at least one (or `n`, if less) is there above `keep`.
+
+        The bucket may go into debt for a large request, repaid by the refill before
+        anything else gets in: a tweet of four photos is not starved by a stream of
+        one-photo tweets that never let four tokens gather, and the long-run rate holds."""
         self._refill()
-        if self._tokens - n >= keep - 1e-9:
+        if self._tokens - keep >= min(n, 1.0) - 1e-9:
             self._tokens -= n
             return True
         return False
@@ -194,7 +198,10 @@ class AdmissionController:
         self.stale_after_s = stale_after_s
         self._clock = clock
         self.ceiling = TokenBucket(rate=ceiling_rate, burst=ceiling_burst, clock=clock)
-        self.bucket = TokenBucket(rate=fallback_rate, burst=max(1.0, fallback_rate), clock=clock)
+        # Room for a token above the reserve at any rate, or low-priority tweets would
+        # never get in at small rates (the fallback's few images/s).
+        self._min_burst = 2.0 / (1.0 - reserve)
+        self.bucket = TokenBucket(rate=fallback_rate, burst=self._min_burst, clock=clock)
         self.meter = RateMeter(clock=clock)
         self.share = 1.0
         self.classes: frozenset[str] = frozenset()
@@ -323,7 +330,7 @@ class AdmissionController:
         state = self._compute(now)
         self._state = state
         if state.mode != FIXED:
-            self.bucket.set(rate=state.rate, burst=max(1.0, state.rate * self.burst_s))
+            self.bucket.set(rate=state.rate, burst=max(self._min_burst, state.rate * self.burst_s))
             fallback = state.mode == FALLBACK
             if fallback != self._said_fallback:
                 if fallback:

@@ -2,7 +2,8 @@
 
 `FeedbackReader` is a thread with a consumer of its own (no group, nothing committed):
 it reads the `capacity` topic from its start (a compacted topic: the latest report of
-every inference consumer) and `hashtags` from its end, decodes them and hands them to
+every inference consumer, each said to be history until the end is reached) and
+`hashtags` from its end, decodes them and hands them to
 callbacks, which the agent runs on its own event loop. Capacity reports feed the
 admission controller; results feed the result cache and tell the controller the
 model's classes (what a targeted rule is).
@@ -37,7 +38,7 @@ class FeedbackReader:
         self,
         settings: Settings,
         *,
-        on_capacity: Callable[[dict[str, Any]], None],
+        on_capacity: Callable[[dict[str, Any], bool], None],
         on_result: Callable[[dict[str, Any]], None],
         codec: Codec | None = None,
     ) -> None:
@@ -47,7 +48,6 @@ class FeedbackReader:
         self.codec = codec or Codec.from_settings(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.read = 0
 
     def start(self) -> FeedbackReader:
         self._thread = threading.Thread(target=self._run, name="feedback-reader", daemon=True)
@@ -74,13 +74,21 @@ class FeedbackReader:
             consumer_config(
                 self.settings,
                 f"{self.settings.topic_prefix}tagstream-feedback-unused",
-                **{"enable.auto.commit": False},
+                **{"enable.auto.commit": False, "enable.partition.eof": True},
             )
         )
+        # Until the end of `capacity` is reached, the reports read are history: the
+        # latest of every consumer that ever ran, dead ones included.
+        history = [True]
+
+        def end_of(message: Any) -> None:
+            if message.topic() == capacity_topic:
+                history[0] = False
+
         try:
             consumer.assign(self._assignment(consumer))
             while not self._stop.is_set():
-                for message in consumed(consumer, 500, 0.2):
+                for message in consumed(consumer, 500, 0.2, on_eof=end_of):
                     is_report = message.topic() == capacity_topic
                     record = "CapacityReport" if is_report else "HashtagResult"
                     try:
@@ -88,8 +96,10 @@ class FeedbackReader:
                     except CodecError as exc:
                         log.warning("feedback: skipping an undecodable %s: %s", record, exc)
                         continue
-                    self.read += 1
-                    (self.on_capacity if is_report else self.on_result)(value)
+                    if is_report:
+                        self.on_capacity(value, history[0])
+                    else:
+                        self.on_result(value)
         except Exception:  # advisory: the agent goes on without feedback, and says so
             log.exception("feedback reader stopped; admission falls back to its fixed rates")
         finally:

@@ -23,15 +23,16 @@ a slow photo does not hold up the tweets behind it: their work proceeds, only th
 wait) and the finished-but-unacked tweets by `agent_max_unacked` (released as they are
 acked).
 
-Metrics (infra/metrics.py): tweets consumed, admitted, shed by reason, image events and
-cached results are counted once their records are delivered, so the counts match the
-topics; the controller's state, the photos being fetched and this worker's lag on
-`tweets` are published every second; ``/metrics`` and ``/healthz`` are pages of the
-worker's web server (`faust_web_port`).
+Metrics (infra/metrics.py): tweets are counted as consumed and as admitted when that
+happens; shed records, image events, retractions and cached results once they are
+delivered, so those counts match the topics; the controller's state, the photos being
+fetched and this worker's lag on `tweets` are published every second; ``/metrics`` and
+``/healthz`` are pages of the worker's web server (`faust_web_port`).
 
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each photo then
-a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_rate`), or a
-DeadLetter (undecodable record; a photo that cannot be fetched). A deletion (a Tweet
+a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_capacity`,
+`deadline`, `over_rate`: processors/admission.py), cached results (a photo seen before),
+or a DeadLetter (undecodable record; a photo that cannot be fetched). A deletion (a Tweet
 with ``operation`` delete: not a post) ends as one retraction on `hashtags`, which
 withdraws the post's earlier results (schemas/records.py: `retraction`); a new version
 of a post (``update``) is preceded by one, then goes on as any post.
@@ -50,7 +51,7 @@ from infra import metrics
 from infra.exceptions import CodecError, FetchError
 from infra.fetcher import FetchedImage, ImageFetcher
 from infra.inorder import InOrderWindow
-from infra.record_producer import Outgoing, RecordProducer, SourceRef
+from infra.record_producer import DeliveryError, Outgoing, RecordProducer, SourceRef
 from infra.settings import Settings
 from processors.admission import NO_PHOTO, Admission, AdmissionController
 from processors.feedback import FeedbackReader
@@ -101,11 +102,7 @@ class ShedAndFetch:
 
     @staticmethod
     def dead_letter(consumed: Consumed, stage: str, error: BaseException, **ids: Any) -> Outgoing:
-        letter = RecordProducer.dead_letter_record(consumed.source, stage, error, **ids)
-        key = ids.get("media_key") or ids.get("tweet_id") or (consumed.source.key or b"")
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
-        return Outgoing("deadletter", key, letter)
+        return RecordProducer.dead_letter_outgoing(consumed.source, stage, error, **ids)
 
     def _shed(
         self, tweet: Tweet, reason: str, detail: str, media_keys: list[str], admission: Admission
@@ -271,24 +268,33 @@ async def deliver(
     *,
     sleep: Callable[[float], Any] = asyncio.sleep,
 ) -> list[Outgoing]:
-    """Deliver `outgoing`, waiting out a broker that is away (a resend is harmless: the
-    records are keyed). A record that cannot be encoded becomes a dead letter. Returns
-    what was delivered."""
+    """Deliver `outgoing`, waiting out a broker (or registry) that is away: a resend is
+    harmless, the records are keyed. Output that can never be delivered (it cannot be
+    encoded, or the broker refuses it for good: too large) is replaced, once, by a dead
+    letter of the tweet without its bytes. Returns what was delivered."""
     delay = 0.5
+    replaced = False
     while True:
         try:
             await producer.deliver(outgoing)
             return outgoing
-        except CodecError as exc:  # a bug, not bad input: keep the tweet, as a dead letter
-            log.exception("cannot encode the output of %s", consumed.source)
-            outgoing = [ShedAndFetch.dead_letter(consumed, "encode", exc, payload=consumed.value)]
-        except Exception as exc:
-            log.warning(
-                "could not deliver the output of %s (%s); retrying in %.1f s",
-                consumed.source, exc, delay,
-            )  # fmt: skip
-            await sleep(delay)
-            delay = min(delay * 2, 30.0)
+        except (CodecError, DeliveryError) as exc:
+            permanent = not isinstance(exc, DeliveryError) or exc.permanent
+            if permanent and not replaced:
+                log.error("the output of %s cannot be delivered: %s", consumed.source, exc)
+                stage = "encode" if isinstance(exc, CodecError) else "deliver"
+                outgoing = [ShedAndFetch.dead_letter(consumed, stage, exc)]
+                replaced = True
+                continue
+            failure: Exception = exc
+        except Exception as exc:  # the broker away: librdkafka gave up on a delivery
+            failure = exc
+        log.warning(
+            "could not deliver the output of %s (%s); retrying in %.1f s",
+            consumed.source, failure, delay,
+        )  # fmt: skip
+        await sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 def count_delivered(outgoing: list[Outgoing]) -> None:
@@ -392,26 +398,33 @@ class Feedback:
         self.admission = admission
         self.cache = cache
         self.stale_ms = admission.stale_after_s * 1000.0
+        self.model: tuple[Any, Any] | None = None
         self.reader = FeedbackReader(
             settings,
-            on_capacity=lambda report: loop.call_soon_threadsafe(self.capacity, report),
+            on_capacity=lambda report, history: loop.call_soon_threadsafe(
+                self.capacity, report, history
+            ),
             on_result=lambda result: loop.call_soon_threadsafe(self.result, result),
         )
 
-    def capacity(self, report: dict[str, Any]) -> None:
-        # Reports older than the staleness bound (a compacted topic keeps the last one of
-        # every consumer that ever ran) are not capacity that exists now.
-        if now_ms() - report["reported_at_ms"] <= self.stale_ms:
-            self.admission.observe_capacity(
-                report["consumer_id"],
-                images_per_s=report["images_per_s"],
-                queue_depth=report["queue_depth"],
-                batch_size=report["batch_size"],
-            )
+    def capacity(self, report: dict[str, Any], history: bool) -> None:
+        # History (the compacted topic's old reports, read at start) counts only if it is
+        # recent by the reporter's clock; every report after it is fresh as it arrives,
+        # whatever the hosts' clocks say.
+        if history and now_ms() - report["reported_at_ms"] > self.stale_ms:
+            return
+        self.admission.observe_capacity(
+            report["consumer_id"],
+            images_per_s=report["images_per_s"],
+            queue_depth=report["queue_depth"],
+            batch_size=report["batch_size"],
+        )
 
     def result(self, result: dict[str, Any]) -> None:
         self.cache.add(result)
-        if result.get("scores") and not result.get("cached"):
+        model = (result.get("model_id"), result.get("model_version"))
+        if result.get("scores") and not result.get("cached") and model != self.model:
+            self.model = model  # the classes change only with the model
             self.admission.set_classes(result["scores"])
 
 
@@ -514,5 +527,5 @@ def register_agent(app: Any, settings: Settings) -> None:
                     read_offsets=read_offsets,
                 )
         finally:
-            feedback.reader.stop()
+            await asyncio.to_thread(feedback.reader.stop)
             await asyncio.to_thread(producer.close)

@@ -75,9 +75,15 @@ async def run_sink(settings: Settings, *, ready: threading.Event | None = None) 
     )
     print(f"gallery: {url}  (metrics: {url}metrics)", flush=True)
     stop = threading.Event()
-    thread = threading.Thread(
-        target=consume_into, args=(sink, settings, stop), name="sink-consumer", daemon=True
-    )
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            consume_into(sink, settings, stop)
+        except BaseException as exc:  # told below: a sink whose consumer died is not up
+            failure.append(exc)
+
+    thread = threading.Thread(target=consume, name="sink-consumer", daemon=True)
     thread.start()
     if ready is not None:
         ready.set()
@@ -88,3 +94,5 @@ async def run_sink(settings: Settings, *, ready: threading.Event | None = None) 
         stop.set()
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
         await runner.cleanup()
+    if failure:
+        raise failure[0]

@@ -182,7 +182,8 @@ def _media(record: dict[str, Any], uri: str, did: str, cdn_url: str, where: str)
 
 def _tags(record: dict[str, Any]) -> list[str]:
     tags: list[str] = []
-    for facet in record.get("facets") or []:
+    facets = record.get("facets")
+    for facet in facets if isinstance(facets, list) else []:
         features = facet.get("features") if isinstance(facet, dict) else None
         for feature in features if isinstance(features, list) else []:
             if isinstance(feature, dict) and feature.get("$type") == TAG_FEATURE:
@@ -472,8 +473,9 @@ class BlueskySource(TweetSource):
             post = tweet_from_event(
                 frame.event, cdn_url=self.cdn_url, source=self.name, ingested_at_ms=now_ms()
             )
-        except CodecError as e:
-            rejected = Rejected(raw, str(e), JETSTREAM_SOURCE)
+        except Exception as e:  # untrusted input: a dead letter, never the source's end
+            error = str(e) if isinstance(e, CodecError) else f"{type(e).__name__}: {e}"
+            rejected = Rejected(raw, error, JETSTREAM_SOURCE)
             return SourceItem(rejected=rejected, position=frame.position, raw=frame.event)
         envelope = {"event": frame.event, "cdn": self.cdn_url}
         return self.gate.item(post, raw=envelope, position=frame.position)

@@ -584,9 +584,10 @@ class MastodonSource(TweetSource):
         envelope = {"host": host, "stream": event.stream, "event": event.kind, "data": event.data}
         try:
             post = tweet_from_event(event, host=host, source=self.name, ingested_at_ms=now_ms())
-        except CodecError as e:
+        except Exception as e:  # untrusted input: a dead letter, never the source's end
+            error = str(e) if isinstance(e, CodecError) else f"{type(e).__name__}: {e}"
             where = _source_ref(host, event.stream)
-            return SourceItem(rejected=Rejected(event.data.encode(), str(e), where), raw=envelope)
+            return SourceItem(rejected=Rejected(event.data.encode(), error, where), raw=envelope)
         # A boost has no attachments of its own (they are the boosted post's), so the
         # gate skips it as a post without an image.
         return self.gate.item(post, raw=envelope)

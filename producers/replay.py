@@ -44,7 +44,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from infra.exceptions import BrokerError, CodecError, ConfigurationError
 from infra.kafka import consumed, consumer_config, wait_for_broker
 from infra.record_producer import SourceRef
 from infra.settings import Settings
+from infra.tail import parse_time
 from producers import bluesky, mastodon
 from producers.archive import archive_files, read_archive
 from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
@@ -114,12 +115,11 @@ def parse_bound(text: str) -> Bound:
     if re.fullmatch(r"\d+", text):
         return int(text)
     try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
+        return parse_time(text)
+    except ConfigurationError:
         raise ConfigurationError(
             f"bound {text!r}: expected an offset (integer) or an ISO 8601 time"
         ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _ms(when: datetime) -> float:

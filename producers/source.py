@@ -10,7 +10,8 @@ written once:
 
 - pacing: an item may carry a time (``t_ms``); the pump sends item *i* ``(t_i - t_0) /
   speed`` after the first, on an absolute schedule (a late send does not delay the ones
-  after it). Live sources give no time and are never held back;
+  after it), no pause longer than `MAX_PAUSE_S`. Live sources give no time and are never
+  held back;
 - production through the one RecordProducer (infra/record_producer.py): idempotent,
   keyed by tweet id, with backpressure; ``ingested_at_ms`` is stamped as each tweet is
   handed to it;
@@ -55,6 +56,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -70,6 +72,10 @@ if TYPE_CHECKING:
     from producers.archive import StreamArchive
 
 log = logging.getLogger(__name__)
+
+#: The longest pause between two paced items (after scaling by the speed): an archive's
+#: gap of hours is replayed as this.
+MAX_PAUSE_S = 60.0
 
 #: Seconds between two saves of the resume position, and between two progress lines.
 SAVE_EVERY_S = 1.0
@@ -162,6 +168,7 @@ class _Positions:
         self._lock = threading.Lock()
         self._latest: Any = None
         self._saved: Any = None
+        self.failure: Exception | None = None
 
     def track(self, position: Any) -> Callable[[Exception | None], None]:
         def ready() -> None:
@@ -173,6 +180,8 @@ class _Positions:
         def delivered(error: Exception | None) -> None:
             if error is None:  # a failed delivery never lets the position pass it
                 self.window.finish(pending)
+            elif self.failure is None:
+                self.failure = error
 
         return delivered
 
@@ -253,6 +262,14 @@ async def _read(
                     t0, began = item.t_ms, clock()
                 else:
                     delay = began + (item.t_ms - t0) / 1000.0 / source.speed - clock()
+                    if delay > MAX_PAUSE_S:
+                        # A stream that stood still for a day is not replayed as a day
+                        # of silence: the pause is shortened, the schedule moved up.
+                        log.info("%s: a pause of %.0f s shortened to %g s",
+                                 source.name, delay, MAX_PAUSE_S)  # fmt: skip
+                        began -= delay - MAX_PAUSE_S
+                        delay = MAX_PAUSE_S
+                        counts["pauses_shortened"] += 1
                     if delay > 0:
                         await sleep(delay)
                         counts["waits"] += 1
@@ -299,8 +316,16 @@ async def _read(
                             source=source.name, operation=operation
                         ).inc()
             now = clock()
-            if tracker is not None and now - last_save >= SAVE_EVERY_S:
-                tracker.save()
+            if now - last_save >= SAVE_EVERY_S:
+                # Serve delivery reports, and stop at a record the broker did not take
+                # (it was away longer than the producer's delivery timeout): going on
+                # would lose it; a restart resumes before it, where the source can.
+                producer.poll(0)
+                producer.raise_if_failed()
+                if tracker is not None:
+                    if tracker.failure is not None:
+                        raise tracker.failure
+                    tracker.save()
                 last_save = now
             if now - last_progress >= PROGRESS_EVERY_S:
                 rate = counts["tweets"] / max(now - started, 1e-9)
@@ -365,8 +390,14 @@ async def run_source(
 
 
 async def iterate_in_thread(items: Iterator[Any], *, chunk: int = 256) -> AsyncIterator[Any]:
-    """The items of a blocking iterator, read `chunk` at a time in a worker thread."""
+    """The items of a blocking iterator, read `chunk` at a time in a worker thread.
+
+    One thread of its own reads and, at the end, closes the iterator: a read still
+    running when the reader is cancelled finishes before the close starts (a generator
+    may not be closed while another thread runs it)."""
     done = object()
+    loop = asyncio.get_running_loop()
+    worker = ThreadPoolExecutor(1, thread_name_prefix="source-read")
 
     def take() -> list[Any]:
         out = []
@@ -380,11 +411,12 @@ async def iterate_in_thread(items: Iterator[Any], *, chunk: int = 256) -> AsyncI
 
     try:
         while True:
-            for item in await asyncio.to_thread(take):
+            for item in await loop.run_in_executor(worker, take):
                 if item is done:
                     return
                 yield item
     finally:
         close = getattr(items, "close", None)
         if close is not None:
-            await asyncio.to_thread(close)
+            await loop.run_in_executor(worker, close)
+        worker.shutdown(wait=False)

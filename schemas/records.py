@@ -13,19 +13,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
-#: Timestamps every HashtagResult carries, in pipeline order (epoch ms).
-STAGE_TIMESTAMPS: tuple[str, ...] = (
-    "ingested",  # a producer took the tweet in
-    "received",  # the Faust agent consumed it
-    "admitted",  # admission let it through
-    "fetch_start",
-    "fetched",
-    "consumed",  # an inference consumer consumed the image event
-    "decoded",
-    "inferred",
-    "produced",  # the result was handed to the producer
-)
-
 
 def now_ms() -> float:
     """Wall-clock epoch milliseconds, the unit of every timestamp on our records."""

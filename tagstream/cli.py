@@ -97,8 +97,10 @@ def _hand_over_figures(settings, server) -> None:
 
 
 def _produce(settings, main) -> Any:
-    """A source command: coroutine function `main(stop)` with SIGINT/SIGTERM setting
-    `stop` and the metrics served; a run that ends on its own hands its figures over."""
+    """A source command: once Kafka answers, coroutine function `main(stop)` with
+    SIGINT/SIGTERM setting `stop` and the metrics served; a run that ends on its own hands
+    its figures over."""
+    wait_for_broker(settings)
     stopped = False
 
     async def watched(stop: asyncio.Event) -> Any:
@@ -151,7 +153,6 @@ def cmd_produce_synthetic(args: argparse.Namespace) -> int:
         start=args.start,
     )
     positions = PositionFile(Path(args.state)) if args.state else None
-    wait_for_broker(settings)
     counts = _produce(
         settings, lambda stop: run_source(settings, source, stop=stop, positions=positions)
     )
@@ -183,8 +184,6 @@ def cmd_produce_twitter(args: argparse.Namespace) -> int:
     settings = get_settings()
     if _no_bearer_token(settings, "filtered stream"):
         return 2
-    if not args.dry_run:
-        wait_for_broker(settings)
 
     async def run(stop: asyncio.Event) -> Counter[str]:
         archive = None
@@ -243,9 +242,7 @@ def _produce_from(settings, source, args, *, positions=None) -> Counter[str]:
 
 
 def cmd_produce_bluesky(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from infra.exceptions import ConfigurationError
+    from infra.tail import parse_time
     from producers.bluesky import BlueskySource, Jetstream, since_cursor
     from producers.posts import TagFilter, default_classes
     from producers.source import PositionFile
@@ -256,11 +253,7 @@ def cmd_produce_bluesky(args: argparse.Namespace) -> int:
     if args.cursor is not None:
         cursor = [args.cursor, 0]
     elif args.since is not None:
-        try:
-            when = datetime.fromisoformat(args.since)
-        except ValueError:
-            raise ConfigurationError(f"--since {args.since!r}: not an ISO 8601 time") from None
-        cursor = [since_cursor(when if when.tzinfo else when.replace(tzinfo=UTC)), 0]
+        cursor = [since_cursor(parse_time(args.since)), 0]
     tags = TagFilter(None if args.all else _classes(args.tags) or default_classes())
     stream = Jetstream(url=settings.bluesky_jetstream_url, cursor=cursor)
     source = BlueskySource(stream, tags=tags, cdn_url=settings.bluesky_cdn_url)
@@ -294,27 +287,26 @@ def cmd_produce_mastodon(args: argparse.Namespace) -> int:
 
 
 def cmd_produce_replay(args: argparse.Namespace) -> int:
-    from producers.replay import parse_bound, replay
+    from producers.replay import ReplaySource, parse_bound
+    from producers.source import run_source
     from producers.source import summary as source_summary
 
     settings = get_settings()
     try:
-        with _serving_metrics(settings) as server:
-            counts = replay(
-                settings,
-                archive=Path(args.archive) if args.archive is not None else None,
-                topic=args.topic,
-                start=parse_bound(args.start) if args.start is not None else None,
-                stop=parse_bound(args.stop) if args.stop is not None else None,
-                speed=args.speed,
-                run_id=args.run_id,
-            )
-            _hand_over_figures(settings, server)  # Ctrl-C raises past this
+        source = ReplaySource(
+            settings,
+            archive=Path(args.archive) if args.archive is not None else None,
+            topic=args.topic,
+            start=parse_bound(args.start) if args.start is not None else None,
+            stop=parse_bound(args.stop) if args.stop is not None else None,
+            speed=args.speed,
+            run_id=args.run_id,
+        )
+        counts = _produce(settings, lambda stop: run_source(settings, source, stop=stop))
     except OSError as e:  # an archive that cannot be read (our own errors: see main)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    summary = source_summary(counts)
-    print(f"replay {counts.run_id}: {summary}", flush=True)
+    print(f"replay {source.run_id}: {source_summary(counts)}", flush=True)
     return 0
 
 
@@ -443,6 +435,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     wait_for_broker(settings)
+    # SIGTERM (docker stop, systemd) as Ctrl-C: the sink writes its last window and its
+    # producer flushes before the process ends.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(run_sink(settings))
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 Starts (unless TAGSTREAM_KAFKA_BOOTSTRAP names a cluster) the embedded broker,
 then the topics, the demo model, and one process each for the demo image
 server, the Faust worker, an inference consumer, the sink with its gallery and
-the synthetic producer, each serving its metrics on a port of its own; and, when
+the synthetic producer, each of the last four serving its metrics on a port of its own;
+and, when
 the ``prometheus`` binary is on PATH, a Prometheus scraping them all (its
 configuration and data under ``<data_dir>/prometheus``), which the gallery's status
 strip reads. It prints where everything is. Ctrl-C stops every process it started.

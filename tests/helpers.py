@@ -127,9 +127,8 @@ class RecordingProducer:
     def dead_letter(self, source, stage: str, error: BaseException, *, on_delivery=None, **ids):
         from infra.record_producer import RecordProducer
 
-        letter = RecordProducer.dead_letter_record(source, stage, error, **ids)
-        key = ids.get("media_key") or ids.get("tweet_id") or source.key
-        self.send("deadletter", letter, key=key, on_delivery=on_delivery)
+        letter = RecordProducer.dead_letter_outgoing(source, stage, error, **ids)
+        self.send("deadletter", letter.value, key=letter.key, on_delivery=on_delivery)
 
     async def deliver(self, outgoing) -> None:
         for o in outgoing:
@@ -137,6 +136,12 @@ class RecordingProducer:
 
     def of(self, topic: str) -> list[dict]:
         return [value for t, _, value in self.sent if t == topic]
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        return 0
+
+    def raise_if_failed(self) -> None:
+        pass
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self.flushed += 1

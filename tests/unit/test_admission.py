@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -189,3 +190,34 @@ def test_fixed_mode_is_the_token_bucket_alone() -> None:
     shed = [d for d in decisions if not d.admitted]
     assert all(d.reason == "over_rate" and d.tweet_rate == 2.0 for d in shed)
     assert shed[-1].observed_rate > 5.0 and shed[-1].state.mode == "fixed"
+
+
+def test_tweets_of_several_photos_and_low_priority_ones_get_in_at_small_rates() -> None:
+    """Even at the fallback's few images/s, the bucket holds a 4-photo tweet above the
+    reserve: no tweet is shed for ever for its size or its priority alone."""
+
+    def offer(every_s: float, tweets: int) -> tuple[AdmissionController, Counter]:
+        clock = Clock()
+        controller = AdmissionController(
+            target_s=2.0, ceiling_rate=1e4, ceiling_burst=1e4, fallback_rate=5.0, clock=clock
+        )
+        controller.set_classes(["cats"])
+        admitted: Counter[tuple[int, str]] = Counter()
+        kinds = [(photos, tag) for photos in (1, 2, 3, 4) for tag in ("cats", "general")]
+        order = kinds * (tweets // len(kinds))
+        random.Random(7).shuffle(order)
+        for photos, tag in order:  # each size at both priorities, in a random order
+            clock.now += every_s
+            admitted[(photos, tag)] += controller.admit(photos=photos, rule_tags=[tag]).admitted
+        assert controller.state.mode == "fallback"
+        return controller, admitted
+
+    # Under the rate (about 1.25 images/s offered): every size, both priorities.
+    _, calm = offer(2.0, 40)
+    assert all(calm[(photos, tag)] == 5 for photos in (1, 2, 3, 4) for tag in ("cats", "general"))
+    # Over it (25 images/s offered): targeted tweets of every size still get in, and the
+    # rate holds: about 5 images/s over the 30 s, plus one bucket.
+    controller, busy = offer(0.1, 296)
+    assert all(busy[(photos, "cats")] > 0 for photos in (1, 2, 3, 4)), busy
+    images = sum(photos * count for (photos, _), count in busy.items())
+    assert images <= 5.0 * 29.6 + controller.bucket.burst + 4

@@ -28,7 +28,7 @@ from models.presets import ServingPreset
 from processors.admission import AdmissionController
 from processors.shed_and_fetch import Consumed, ShedAndFetch
 from producers.replay import ReplaySource
-from producers.source import pump
+from producers.source import MAX_PAUSE_S, pump
 from producers.tweets import tweet_from_stream_line
 from producers.xapi import FilteredStream, XStreamSource, _Reconnect
 from schemas.codec import RECORD_NAMES, Codec
@@ -166,6 +166,7 @@ archive_lines = (
 @example(['{"t": Infinity, "line": {"data": {"id": "1", "text": "x"}}}', '{"t": 1e308}'])
 @example(['{"t": NaN, "line": {"data": {"id": "1", "text": "x"}}}'])
 @example(["\x1f"])  # blank to str.strip(), not to the reader: a dead letter
+@example(['{"t": 0, "line": {}}', '{"t": 3600000318.0, "line": {}}'])  # a 41-day gap
 @example(['{"t": 1, "line": {}}', '{"t": Infinity, "line": {"data": {"id": "2", "text": "y"}}}'])
 @example(['{"t": 1, "line": {}}', '{"t": 1' + "0" * 400 + ', "raw": "x"}'])
 def test_any_archive_line_replays_as_a_tweet_or_a_dead_letter(lines: list[str]) -> None:
@@ -183,8 +184,9 @@ def test_any_archive_line_replays_as_a_tweet_or_a_dead_letter(lines: list[str]) 
     # Blank as the reader sees it: ASCII whitespace only (str.strip() would drop more).
     blank = sum(1 for line in lines if not line.encode("utf-8", "surrogateescape").strip())
     assert counts["tweets"] + counts["dead_letters"] == len(lines) - blank
-    # A hostile receive time (infinite, huge) never makes the replay wait for ever.
-    assert all(0 <= s < 3600 for s in sleeps), sleeps
+    # A hostile receive time (infinite, huge, a gap of years) never makes the replay wait
+    # for ever: no pause is longer than MAX_PAUSE_S.
+    assert all(0 <= s <= MAX_PAUSE_S for s in sleeps), sleeps
 
 
 # Avro bodies --------------------------------------------------------------------------------
@@ -358,3 +360,144 @@ def test_fetching_any_url_raises_only_fetch_errors(url: str) -> None:
 
     assume("example.com" not in url)  # a real public name would leave the machine
     asyncio.run(main())
+
+
+# Open networks' posts ------------------------------------------------------------------
+
+
+def _bluesky_events():
+    post = st.fixed_dictionaries(
+        {},
+        optional={
+            "$type": st.just("app.bsky.feed.post") | json_values,
+            "text": st.text(max_size=20) | json_values,
+            "createdAt": json_values,
+            "langs": json_values,
+            "facets": json_values
+            | st.lists(st.fixed_dictionaries({}, optional={"features": json_values})),
+            "tags": json_values,
+            "embed": json_values
+            | st.fixed_dictionaries(
+                {
+                    "$type": st.sampled_from(
+                        ["app.bsky.embed.images", "app.bsky.embed.recordWithMedia"]
+                    )
+                },
+                optional={"images": json_values, "media": json_values},
+            ),
+        },
+    )
+    commit = st.fixed_dictionaries(
+        {},
+        optional={
+            "operation": st.sampled_from(["create", "update", "delete"]) | json_values,
+            "collection": st.just("app.bsky.feed.post") | json_values,
+            "rkey": st.text(max_size=8) | json_values,
+            "rev": json_values,
+            "record": post | json_values,
+        },
+    )
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "did": st.just("did:plc:abc") | json_values,
+            "time_us": st.integers(0, 2**60) | json_values,
+            "kind": st.just("commit") | json_values,
+            "commit": commit | json_values,
+        },
+    )
+
+
+def _mutated_post(path: int, value: object) -> dict:
+    """A real-shaped Jetstream post with photos and hashtags, one field at `path` replaced
+    by any JSON value: the deep fields get hostile values too."""
+    from tests.unit.test_bluesky import images, post
+
+    event = post(1_725_000_000_000_000, "3k01", "a #cat", embed=images("bafa", "bafb"),
+                 hashtags=("cat",))  # fmt: skip
+    record = event["commit"]["record"]
+    places = [
+        (event, "did"), (event, "time_us"), (event, "commit"), (event["commit"], "rkey"),
+        (event["commit"], "operation"), (event["commit"], "rev"), (event["commit"], "record"),
+        (record, "text"), (record, "facets"), (record, "langs"), (record, "tags"),
+        (record, "embed"), (record, "createdAt"), (record["embed"], "images"),
+        (record["embed"]["images"][0], "image"), (record["embed"]["images"][0], "alt"),
+        (record["facets"][0], "features"), (record["facets"][0]["features"][0], "tag"),
+    ]  # fmt: skip
+    holder, key = places[path % len(places)]
+    holder[key] = value
+    return event
+
+
+@PROPERTY
+@given(_bluesky_events() | st.builds(_mutated_post, st.integers(0, 100), json_values))
+@example(_mutated_post(8, 5))  # facets an integer: once a TypeError out of the source
+def test_any_jetstream_event_is_a_tweet_that_encodes_or_a_codec_error(event: dict) -> None:
+    from producers.bluesky import tweet_from_event
+
+    try:
+        tweet = tweet_from_event(
+            event, cdn_url="https://cdn.example", source="bluesky", ingested_at_ms=1.0
+        )
+    except CodecError:
+        return
+    CODEC.encode("Tweet", tweet)
+
+
+def _mutated_status(path: int, value: object) -> dict:
+    """A real-shaped status with two images and a hashtag, one field replaced."""
+    from tests.unit.test_mastodon import status
+
+    data = status("111", tags=("cat",), images=2)
+    first = data["media_attachments"][0]
+    places = [(data, k) for k in data] + [(data["account"], "id"), (data["account"], "acct")]
+    places += [(first, k) for k in first] + [(first["meta"], "original")]
+    holder, key = places[path % len(places)]
+    holder[key] = value
+    return data
+
+
+@PROPERTY
+@given(
+    st.builds(_mutated_status, st.integers(0, 200), json_values)
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "id": st.text(min_size=1, max_size=8) | json_values,
+            "uri": json_values,
+            "url": json_values,
+            "content": st.text(max_size=30) | json_values,
+            "created_at": json_values,
+            "edited_at": json_values,
+            "language": json_values,
+            "account": st.fixed_dictionaries({}, optional={"id": json_values, "acct": json_values})
+            | json_values,
+            "tags": json_values,
+            "media_attachments": json_values
+            | st.lists(
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "id": json_values,
+                        "type": st.just("image") | json_values,
+                        "url": json_values,
+                        "description": json_values,
+                        "meta": json_values,
+                    },
+                ),  # fmt: skip
+                max_size=4,
+            ),
+        },
+    )
+    | json_values
+)
+def test_any_mastodon_status_is_a_tweet_that_encodes_or_a_codec_error(status) -> None:
+    from producers.mastodon import tweet_from_status
+
+    try:
+        tweet = tweet_from_status(
+            status, host="m.example", operation="create", source="mastodon", ingested_at_ms=1.0
+        )
+    except CodecError:
+        return
+    CODEC.encode("Tweet", tweet)

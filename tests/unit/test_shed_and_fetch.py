@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from infra.exceptions import RejectedFetchError
+import pytest
+
+from infra.exceptions import CodecError, RejectedFetchError
 from infra.fetcher import FetchedImage
-from infra.record_producer import SourceRef
+from infra.record_producer import Outgoing, SourceRef
 from processors.admission import AdmissionController
 from processors.result_cache import ResultCache
 from processors.shed_and_fetch import Consumed, ShedAndFetch, run_agent
@@ -342,3 +344,52 @@ def test_the_agent_counts_each_outcome_once_its_records_are_delivered() -> None:
     assert moved.delta("tagstream_end_to_end_seconds_count", source="test") == 1
     assert moved.delta("tagstream_end_to_end_seconds_sum", source="test") >= 0.25
     assert moved.now("tagstream_agent_tweets_in_flight") == in_flight
+
+
+class RefusingProducer(RecordingProducer):
+    """Refuses what `refuse` says, as the broker or the codec would."""
+
+    def __init__(self, refuse) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.tries = 0
+
+    async def deliver(self, outgoing) -> None:
+        self.tries += 1
+        error = self.refuse(outgoing)
+        if error is not None:
+            raise error
+        await super().deliver(outgoing)
+
+
+def test_output_the_broker_refuses_for_good_becomes_one_dead_letter() -> None:
+    from infra.record_producer import DeliveryError
+    from processors.shed_and_fetch import deliver
+
+    consumed = Consumed(b"tweet bytes", SourceRef("tweets", 0, 9, b"k"))
+    too_large = DeliveryError("Message size too large", permanent=True)
+    producer = RefusingProducer(lambda out: too_large if out[0].topic == "images" else None)
+    image = Outgoing("images", "3_1", {"media_key": "3_1"})
+    delivered = asyncio.run(deliver(producer, [image], consumed))
+    (letter,) = producer.of("deadletter")
+    assert [o.topic for o in delivered] == ["deadletter"] and producer.tries == 2
+    assert letter["stage"] == "deliver" and letter["payload"] is None
+    assert letter["source_offset"] == 9 and "too large" in letter["message"]
+
+
+def test_output_that_cannot_be_delivered_at_all_is_retried_with_waits_not_spun() -> None:
+    from processors.shed_and_fetch import deliver
+
+    consumed = Consumed(b"tweet bytes", SourceRef("tweets", 0, 9, b"k"))
+    producer = RefusingProducer(lambda out: CodecError("schema registry unreachable"))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 4:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(deliver(producer, [Outgoing("images", "3_1", {})], consumed, sleep=sleep))
+    # Replaced by a dead letter once, then every try waits, longer each time.
+    assert producer.tries == 5 and waits == [0.5, 1.0, 2.0, 4.0]
