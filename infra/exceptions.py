@@ -4,6 +4,7 @@ TagstreamError
 ├── ConfigurationError       settings that cannot work
 ├── BrokerError              the broker did not start or answer
 ├── CodecError               a record that cannot be encoded or decoded
+├── RegistryUnavailableError  the schema registry did not answer (the record is fine)
 ├── FetchError               an image that could not be fetched
 │   ├── TransientFetchError  worth a retry (timeouts, 5xx, connection reset)
 │   └── RejectedFetchError   never worth a retry (4xx, not an image, too big, blocked)
@@ -16,7 +17,7 @@ TagstreamError
 from __future__ import annotations
 
 # Defined in the lowest layer, where the codec raises them; re-exported here with the rest.
-from schemas.errors import CodecError, TagstreamError
+from schemas.errors import CodecError, RegistryUnavailableError, TagstreamError
 
 __all__ = [
     "BrokerError",
@@ -26,6 +27,7 @@ __all__ = [
     "EvaluationError",
     "FetchError",
     "ModelError",
+    "RegistryUnavailableError",
     "RejectedFetchError",
     "TagstreamError",
     "TransientFetchError",

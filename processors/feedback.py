@@ -23,7 +23,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
-from infra.exceptions import CodecError
+from infra.exceptions import CodecError, RegistryUnavailableError
 from infra.kafka import consumed, consumer_config
 from infra.settings import Settings
 from schemas.codec import Codec
@@ -93,7 +93,8 @@ class FeedbackReader:
                     record = "CapacityReport" if is_report else "HashtagResult"
                     try:
                         value = self.codec.decode(record, message.value())
-                    except CodecError as exc:
+                    except (CodecError, RegistryUnavailableError) as exc:
+                        # Advisory records: the next report or result will do.
                         log.warning("feedback: skipping an undecodable %s: %s", record, exc)
                         continue
                     if is_report:

@@ -276,7 +276,18 @@ class InferenceConsumer:
         # delivered now. Records still in flight are consumed again by the new owner.
         self._store_ready_offsets()
 
+    def _failed(self, stage: str, exc: BaseException) -> None:
+        """Keep a stage's failure for the consumer to stop on: one line for our own errors
+        (a schema registry that does not answer), a traceback for anything else."""
+        self._failure = self._failure or exc
+        if isinstance(exc, TagstreamError):
+            log.error("the %s stage stopped: %s", stage, exc)
+        else:
+            log.exception("the %s stage failed", stage)
+
     def _raise_if_failed(self) -> None:
+        if isinstance(self._failure, TagstreamError):  # one we raise on purpose, with its words
+            raise self._failure
         if self._failure is not None:
             raise StageFailed(f"a pipeline stage failed: {self._failure}") from self._failure
         failure = self.offsets.failure
@@ -318,8 +329,7 @@ class InferenceConsumer:
                 with self._model_lock:
                     self._model_batches -= 1
         except BaseException as exc:
-            self._failure = self._failure or exc
-            log.exception("the model stage failed")
+            self._failed("model", exc)
         finally:
             self._to_deliver.put(None)
 
@@ -421,8 +431,7 @@ class InferenceConsumer:
                 if self._on_batch is not None:
                     self._on_batch(done)
         except BaseException as exc:
-            self._failure = self._failure or exc
-            log.exception("the delivery stage failed")
+            self._failed("delivery", exc)
 
     # -- capacity -----------------------------------------------------------------------
     def report_capacity(self, *, force: bool = False) -> None:
@@ -479,24 +488,26 @@ class InferenceConsumer:
             consumer_id=self.consumer_id,
         ).set(1)
         self.producer.start_polling()
-        self.consumer.subscribe([self.images_topic], on_revoke=self._on_revoke)
-        self.report_capacity(force=True)  # the admission controller may start admitting
-        log.info(
-            "inference consumer %s: model %s on %s (%s), decode on %s, group %s",
-            self.consumer_id,
-            self.classifier.manifest.name,
-            self.classifier.provider,
-            self.classifier.precision,
-            self.decoder.device,
-            self.group_id,
-        )
-        stages = [
-            threading.Thread(target=self._model_loop, name="model", daemon=True),
-            threading.Thread(target=self._deliver_loop, name="deliver", daemon=True),
-        ]
-        for thread in stages:
-            thread.start()
         try:
+            # Before joining the group: a first report that cannot go (a schema registry
+            # away) stops the consumer before it holds any partition.
+            self.report_capacity(force=True)  # the admission controller may start admitting
+            self.consumer.subscribe([self.images_topic], on_revoke=self._on_revoke)
+            log.info(
+                "inference consumer %s: model %s on %s (%s), decode on %s, group %s",
+                self.consumer_id,
+                self.classifier.manifest.name,
+                self.classifier.provider,
+                self.classifier.precision,
+                self.decoder.device,
+                self.group_id,
+            )
+            stages = [
+                threading.Thread(target=self._model_loop, name="model", daemon=True),
+                threading.Thread(target=self._deliver_loop, name="deliver", daemon=True),
+            ]
+            for thread in stages:
+                thread.start()
             while not stop.is_set():
                 self._raise_if_failed()
                 self._store_ready_offsets()

@@ -27,7 +27,9 @@ Metrics (infra/metrics.py): tweets are counted as consumed and as admitted when 
 happens; shed records, image events, retractions and cached results once they are
 delivered, so those counts match the topics; the controller's state, the photos being
 fetched and this worker's lag on `tweets` are published every second; ``/metrics`` and
-``/healthz`` are pages of the worker's web server (`faust_web_port`).
+``/healthz`` are pages of the worker's web server (`faust_web_port`). ``/healthz``
+answers 503 once the agent has stopped (`AgentHealth`): a Faust worker whose agent
+crashed keeps serving its pages but no longer takes a tweet in.
 
 Every tweet taken in ends as exactly one of: ImageEvents for its photos (each photo then
 a result or a dead letter downstream), a ShedRecord (`no_photo`, `over_capacity`,
@@ -43,12 +45,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infra import metrics
-from infra.exceptions import CodecError, FetchError
+from infra.exceptions import CodecError, FetchError, RegistryUnavailableError
 from infra.fetcher import FetchedImage, ImageFetcher
 from infra.inorder import InOrderWindow
 from infra.record_producer import DeliveryError, Outgoing, RecordProducer, SourceRef
@@ -261,6 +264,25 @@ class AckableEvent(Protocol):
     def ack(self) -> Any: ...
 
 
+async def process(
+    stage: ShedAndFetch,
+    consumed: Consumed,
+    *,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+) -> list[Outgoing]:
+    """`stage.process(consumed)`, waiting out a schema registry that does not answer: the
+    tweet is fine, so it must not become a dead letter (its ack waits meanwhile)."""
+    delay = 0.5
+    while True:
+        try:
+            return await stage.process(consumed)
+        except RegistryUnavailableError as exc:
+            log.warning("%s waits for the schema registry (%s); retrying in %.1f s",
+                        consumed.source, exc, delay)  # fmt: skip
+            await sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 async def deliver(
     producer: RecordProducer,
     outgoing: list[Outgoing],
@@ -287,7 +309,7 @@ async def deliver(
                 replaced = True
                 continue
             failure: Exception = exc
-        except Exception as exc:  # the broker away: librdkafka gave up on a delivery
+        except Exception as exc:  # the broker or the registry away (RegistryUnavailableError)
             failure = exc
         log.warning(
             "could not deliver the output of %s (%s); retrying in %.1f s",
@@ -312,6 +334,41 @@ def count_delivered(outgoing: list[Outgoing]) -> None:
             metrics.observe_result(record.value)
 
 
+class AgentHealth:
+    """What the worker's ``/healthz`` says: well while the agent runs, and while it has not
+    yet started (a group's first join can take most of a session timeout); 503 once it
+    has stopped, with the error it stopped on."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.running = False
+        self.failure: str | None = None
+
+    @contextmanager
+    def run(self) -> Iterator[None]:
+        """Wrap one run of the agent (Faust's supervisor may start it again after a crash)."""
+        self.started += 1
+        self.running, self.failure = True, None
+        try:
+            yield
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.running = False
+
+    def report(self) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and the JSON body of ``/healthz``."""
+        if not self.started:
+            return 200, {"status": "starting"}
+        if self.running:
+            return 200, {"status": "ok", "agent_starts": self.started}
+        body: dict[str, Any] = {"status": "failed" if self.failure else "stopped"}
+        if self.failure:
+            body["error"] = self.failure
+        return 503, body
+
+
 async def run_agent(
     events: AsyncIterable[AckableEvent],
     stage: ShedAndFetch,
@@ -331,7 +388,7 @@ async def run_agent(
     async def handle(event: AckableEvent, consumed: Consumed, pending: Any) -> None:
         try:
             try:
-                outgoing = await stage.process(consumed)
+                outgoing = await process(stage, consumed)
             except Exception as exc:  # a bug must not lose the tweet: dead-letter it
                 log.exception("unexpected error on %s", consumed.source)
                 outgoing = [
@@ -481,6 +538,7 @@ def register_agent(app: Any, settings: Settings) -> None:
     admission = admission_from_settings(settings)
     cache = ResultCache(max_entries=settings.result_cache_size, ttl_s=settings.result_cache_ttl_s)
     read_offsets: dict[tuple[str, int], int] = {}
+    health = AgentHealth()
     metrics.expose(metrics.AGENT, metrics.FETCH)
 
     @app.page("/metrics")
@@ -490,7 +548,8 @@ def register_agent(app: Any, settings: Settings) -> None:
 
     @app.page("/healthz")
     async def healthz_page(view: Any, request: Any) -> Any:
-        return view.json({"status": "ok"})
+        status, body = health.report()
+        return view.json(body, status=status)
 
     @app.timer(1.0)
     async def publish_metrics() -> None:
@@ -512,20 +571,23 @@ def register_agent(app: Any, settings: Settings) -> None:
 
     @app.agent(tweets, name="shed_and_fetch")
     async def shed_and_fetch(stream: Any) -> None:
-        producer = RecordProducer(settings, codec=codec)
-        feedback = Feedback(settings, admission, cache, asyncio.get_running_loop())
-        feedback.reader.start()
-        try:
-            async with ImageFetcher.from_settings(settings) as fetcher:
-                stage = ShedAndFetch(codec=codec, fetcher=fetcher, admission=admission, cache=cache)
-                await run_agent(
-                    stream.noack().events(),
-                    stage,
-                    producer,
-                    max_in_flight=settings.agent_max_in_flight,
-                    max_unacked=settings.agent_max_unacked,
-                    read_offsets=read_offsets,
-                )
-        finally:
-            await asyncio.to_thread(feedback.reader.stop)
-            await asyncio.to_thread(producer.close)
+        with health.run():
+            producer = RecordProducer(settings, codec=codec)
+            feedback = Feedback(settings, admission, cache, asyncio.get_running_loop())
+            feedback.reader.start()
+            try:
+                async with ImageFetcher.from_settings(settings) as fetcher:
+                    stage = ShedAndFetch(
+                        codec=codec, fetcher=fetcher, admission=admission, cache=cache
+                    )
+                    await run_agent(
+                        stream.noack().events(),
+                        stage,
+                        producer,
+                        max_in_flight=settings.agent_max_in_flight,
+                        max_unacked=settings.agent_max_unacked,
+                        read_offsets=read_offsets,
+                    )
+            finally:
+                await asyncio.to_thread(feedback.reader.stop)
+                await asyncio.to_thread(producer.close)

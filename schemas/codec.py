@@ -21,8 +21,11 @@ writers stay readable and newer readers get their defaults. The schemas of every
 release (``history/<version>/*.avsc``, see schemas/evolution.py) are known writer
 schemas: single-object data written by any release decodes.
 
-Every failure, bad input or unreachable registry alike, raises `CodecError`; callers turn
-it into a DeadLetter record.
+A record that cannot be encoded or decoded (bad input, a schema the registry refuses)
+raises `CodecError`, which callers turn into a DeadLetter record. A registry that does not
+answer raises `RegistryUnavailableError` instead: the record is fine, so it must not
+become a dead letter; the Faust agent waits and tries again, the other processes stop
+without committing what they had not finished.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
-from schemas.errors import CodecError
+from schemas.errors import CodecError, RegistryUnavailableError
 
 try:  # The HTTP client under SchemaRegistryClient, chosen as it chooses: httpx2, else httpx.
     import httpx2 as _http
@@ -68,6 +71,8 @@ CONFLUENT_MAGIC = b"\x00"
 
 _NAMESPACE = "tagstream"
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MARKER) + 8
+#: Answers of a registry that is away or overloaded (those its client retries), not refusals.
+_UNAVAILABLE = frozenset({408, 429, 500, 502, 503, 504})
 #: The byte that opens Confluent's newer framing, a 16-byte schema GUID after it.
 _CONFLUENT_GUID_MAGIC = b"\x01"
 _CONFLUENT_HEADER = struct.Struct(">bI")
@@ -239,6 +244,12 @@ class _RegistryMode:
         self._payload.stream = payload
         return payload
 
+    def _unavailable(self, exc: Exception) -> bool:
+        """The registry did not answer, as opposed to refusing this request."""
+        if isinstance(exc, SchemaRegistryError):
+            return exc.http_status_code in _UNAVAILABLE
+        return True  # a transport error: refused, reset, timed out, no such host
+
     def _refusal(self, exc: Exception) -> str:
         if isinstance(exc, SchemaRegistryError):
             return (
@@ -254,7 +265,8 @@ class _RegistryMode:
             data = serializer(value, ctx)
         except (SchemaRegistryError, _http.HTTPError) as exc:
             subject = f"{topic}-value" if topic else schema.name
-            raise CodecError(
+            error = RegistryUnavailableError if self._unavailable(exc) else CodecError
+            raise error(
                 f"cannot encode {schema.short_name} (subject {subject}): {self._refusal(exc)}"
             ) from None
         except Exception as exc:  # TypeError, ValueError, ... from fastavro's writer
@@ -270,7 +282,8 @@ class _RegistryMode:
         except SerializationError as exc:
             raise CodecError(f"cannot decode {expected}: {exc}") from None
         except (SchemaRegistryError, _http.HTTPError) as exc:
-            raise CodecError(
+            error = RegistryUnavailableError if self._unavailable(exc) else CodecError
+            raise error(
                 f"cannot decode {expected}: {_schema_ref(data)}: {self._refusal(exc)}"
             ) from None
         except SchemaResolutionError as exc:

@@ -64,6 +64,8 @@ class FakeSchemaRegistry:
         self.subject_levels: dict[str, str] = {}
         # (method, path, query, headers) of every request, for tests of caching and auth
         self.requests: list[tuple[str, str, dict[str, str], dict[str, str]]] = []
+        # While set, every request is answered with this status (an outage: 503, 429, ...).
+        self.down_with: int | None = None
         self._background: BackgroundLoop | None = None
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -105,6 +107,8 @@ class FakeSchemaRegistry:
         self.requests.append(
             (request.method, request.path, dict(request.query), dict(request.headers))
         )
+        if self.down_with is not None:
+            return _error(self.down_with, self.down_with, "the registry is unavailable")
         try:
             return await handler(request)
         except web.HTTPNotFound:

@@ -136,3 +136,40 @@ def test_the_torchvision_decode_path_through_the_consumer(make_settings, demo_mo
     assert thumbnail and max(Image.open(io.BytesIO(thumbnail)).size) == 48
     (letter,) = found["deadletter"]
     assert (letter["media_key"], letter["stage"]) == ("m13", "decode_image")
+
+
+def test_a_registry_outage_stops_the_consumer_without_a_dead_letter_or_a_commit(
+    make_settings, demo_model_dir, schema_registry
+) -> None:
+    """With the schema registry answering 503, a consumer stops with
+    RegistryUnavailableError (its first capacity report cannot be encoded) before it joins
+    the group (when it failed just after joining, the embedded broker kept it a member,
+    and the next consumer got nothing) and dead-letters nothing; once the registry is
+    back, a restarted consumer classifies every image."""
+    from infra.exceptions import RegistryUnavailableError
+
+    settings = make_settings(
+        batch_max_size=8, model_dir=demo_model_dir, schema_registry_url=schema_registry.url
+    )
+    classifier = OnnxClassifier(demo_model_dir)
+    classes = list(classifier.classes)
+    with RecordProducer(settings) as producer:
+        for i in range(12):
+            data = render_demo_jpeg(classes[i % len(classes)], 510_000 + i)
+            producer.send("images", image_event(i, data), key=f"m{i}")
+
+    schema_registry.down_with = 503
+    down = InferenceConsumer(settings, classifier, consumer_id="down")
+    with pytest.raises(RegistryUnavailableError, match="answered 503"):
+        down.run()
+    assert down.stats.images == 0 and down.stats.dead_letters == 0
+
+    schema_registry.down_with = None
+    back = InferenceConsumer(settings, classifier, consumer_id="back")
+    run_until(back, lambda: back.stats.images + back.stats.dead_letters >= 12)
+    assert back.stats.images == 12 and back.stats.dead_letters == 0
+    reader = KafkaReader(settings, {"hashtags": "HashtagResult", "deadletter": "DeadLetter"})
+    found = reader.read_until(lambda f: len(f["hashtags"]) >= 12, timeout_s=30)
+    reader.close()
+    assert {r["media_key"] for r in found["hashtags"]} == {f"m{i}" for i in range(12)}
+    assert found["deadletter"] == []

@@ -17,7 +17,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from infra.exceptions import CodecError
+from infra.exceptions import CodecError, RegistryUnavailableError
 from schemas import RECORD_NAMES, Codec
 from schemas.evolution import HISTORY_DIR, releases
 from tests.registry import FakeSchemaRegistry
@@ -449,7 +449,7 @@ def test_unreachable_registry_hides_credentials() -> None:
         timeout_s=2,
         registry_config={"max.retries": 0},
     )
-    with pytest.raises(CodecError, match="schema registry http://127.0.0.1:") as info:
+    with pytest.raises(RegistryUnavailableError, match="schema registry http://127.0.0.1:") as info:
         codec.encode("Tweet", VALUES["Tweet"], topic="tweets")
     assert "hunter2" not in str(info.value) and "me:" not in str(info.value)
 
@@ -473,3 +473,36 @@ def test_registry_refusal_is_explained(schema_registry: FakeSchemaRegistry) -> N
 def test_bad_registry_url() -> None:
     with pytest.raises(CodecError, match="must be http"):
         Codec(registry_url="localhost:8081")
+
+
+def test_a_registry_that_does_not_answer_is_not_a_bad_record(
+    schema_registry: FakeSchemaRegistry,
+) -> None:
+    """Refused connections and 5xx/429 answers raise RegistryUnavailableError, never the
+    CodecError that would make a good record a dead letter; once the registry is back the
+    same codec works. A refusal (an unknown schema id: 404) stays a CodecError."""
+    tweet, shed = VALUES["Tweet"], VALUES["ShedRecord"]
+    data = Codec(registry_url=schema_registry.url).encode("Tweet", tweet, topic="tweets")
+    nobody = Codec(
+        registry_url=f"http://127.0.0.1:{_closed_port()}", registry_config={"max.retries": 0}
+    )
+    with pytest.raises(RegistryUnavailableError, match="Connection refused"):
+        nobody.encode("Tweet", tweet, topic="tweets")
+    with pytest.raises(RegistryUnavailableError, match="cannot decode Tweet: schema id 1"):
+        nobody.decode("Tweet", data)
+
+    fresh = Codec(registry_url=schema_registry.url, registry_config={"max.retries": 0})
+    for status in (503, 429, 500):
+        schema_registry.down_with = status
+        with pytest.raises(RegistryUnavailableError, match=f"answered {status}") as info:
+            fresh.decode("Tweet", data)
+        assert not isinstance(info.value, CodecError)
+        with pytest.raises(RegistryUnavailableError, match=f"answered {status}"):
+            fresh.encode("ShedRecord", shed, topic="tweets.shed")
+    schema_registry.down_with = None
+    assert fresh.decode("Tweet", data)["id"] == tweet["id"]
+    assert fresh.decode("ShedRecord", fresh.encode("ShedRecord", shed, topic="tweets.shed"))
+
+    unknown = b"\x00" + (999).to_bytes(4, "big") + b"\x02"
+    with pytest.raises(CodecError, match="answered 404"):
+        fresh.decode("Tweet", unknown)

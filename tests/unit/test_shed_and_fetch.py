@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from infra.exceptions import CodecError, RejectedFetchError
+from infra.exceptions import CodecError, RegistryUnavailableError, RejectedFetchError
 from infra.fetcher import FetchedImage
 from infra.record_producer import Outgoing, SourceRef
 from processors.admission import AdmissionController
 from processors.result_cache import ResultCache
-from processors.shed_and_fetch import Consumed, ShedAndFetch, run_agent
+from processors.shed_and_fetch import AgentHealth, Consumed, ShedAndFetch, run_agent
 from schemas.codec import Codec
 from schemas.records import now_ms
 from tests.helpers import MetricDeltas, RecordingProducer
@@ -381,7 +381,7 @@ def test_output_that_cannot_be_delivered_at_all_is_retried_with_waits_not_spun()
     from processors.shed_and_fetch import deliver
 
     consumed = Consumed(b"tweet bytes", SourceRef("tweets", 0, 9, b"k"))
-    producer = RefusingProducer(lambda out: CodecError("schema registry unreachable"))
+    producer = RefusingProducer(lambda out: CodecError("does not fit its schema"))
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -393,3 +393,73 @@ def test_output_that_cannot_be_delivered_at_all_is_retried_with_waits_not_spun()
         asyncio.run(deliver(producer, [Outgoing("images", "3_1", {})], consumed, sleep=sleep))
     # Replaced by a dead letter once, then every try waits, longer each time.
     assert producer.tries == 5 and waits == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_health_is_well_until_the_agent_stops_and_says_why_it_did() -> None:
+    """The worker's /healthz: well before the first start (a group's first join is slow)
+    and while the agent runs; 503 with the error once the agent's stream has failed; well
+    again when Faust's supervisor starts the agent anew."""
+    health = AgentHealth()
+    assert health.report() == (200, {"status": "starting"})
+    stage = ShedAndFetch(codec=Codec(), fetcher=GatedFetcher(), admission=fixed())
+
+    async def run(events) -> None:
+        with health.run():
+            await run_agent(events, stage, RecordingProducer(), max_in_flight=2, max_unacked=2)
+
+    async def failing_stream():
+        assert health.report() == (200, {"status": "ok", "agent_starts": 1})
+        raise ConnectionError("the consumer's stream broke")
+        yield  # makes this an async generator
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(run(failing_stream()))
+    status, body = health.report()
+    assert status == 503
+    assert body == {"status": "failed", "error": "ConnectionError: the consumer's stream broke"}
+
+    async def empty_stream():
+        assert health.report() == (200, {"status": "ok", "agent_starts": 2})
+        return
+        yield
+
+    asyncio.run(run(empty_stream()))
+    assert health.report() == (503, {"status": "stopped"})
+
+
+class RegistryAwayCodec(Codec):
+    """The codec of a process whose schema registry does not answer `away` times."""
+
+    def __init__(self, away: int) -> None:
+        super().__init__()
+        self.away = away
+
+    def decode(self, record: str, data: bytes):  # type: ignore[override]
+        if self.away:
+            self.away -= 1
+            raise RegistryUnavailableError("schema registry http://r:8081 failed: ConnectError")
+        return super().decode(record, data)
+
+
+def test_a_registry_that_does_not_answer_is_waited_for_never_a_dead_letter() -> None:
+    """A tweet the registry cannot yet resolve waits (its ack with it) and then goes on as
+    any tweet; output whose encoding finds the registry away is retried as it is."""
+    from processors.shed_and_fetch import deliver, process
+
+    codec = RegistryAwayCodec(away=3)
+    stage = ShedAndFetch(codec=codec, fetcher=FakeFetcher(), admission=fixed())
+    consumed = Consumed(codec.encode("Tweet", tweet("4", ("photo", "http://h/a.jpg"))),
+                        SourceRef("tweets", 0, 4, b"4"))  # fmt: skip
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    out = asyncio.run(process(stage, consumed, sleep=sleep))
+    assert [o.topic for o in out] == ["images"] and waits == [0.5, 1.0, 2.0]
+
+    away = RegistryUnavailableError("cannot encode ImageEvent: schema registry answered 503")
+    producer = RefusingProducer(lambda out: away if producer.tries <= 2 else None)
+    delivered = asyncio.run(deliver(producer, out, consumed, sleep=sleep))
+    assert delivered == out and producer.tries == 3 and waits[3:] == [0.5, 1.0]
+    assert [topic for topic, _, _ in producer.sent] == ["images"]
