@@ -286,22 +286,27 @@ def cmd_produce_mastodon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_window(args: argparse.Namespace) -> dict:
+    """What to replay, from the options `replay` and `evaluate` share."""
+    from producers.replay import parse_bound
+
+    return {
+        "archive": Path(args.archive) if args.archive is not None else None,
+        "topic": args.topic,
+        "start": parse_bound(args.start) if args.start is not None else None,
+        "stop": parse_bound(args.stop) if args.stop is not None else None,
+        "speed": args.speed,
+    }
+
+
 def cmd_produce_replay(args: argparse.Namespace) -> int:
-    from producers.replay import ReplaySource, parse_bound
+    from producers.replay import ReplaySource
     from producers.source import run_source
     from producers.source import summary as source_summary
 
     settings = get_settings()
     try:
-        source = ReplaySource(
-            settings,
-            archive=Path(args.archive) if args.archive is not None else None,
-            topic=args.topic,
-            start=parse_bound(args.start) if args.start is not None else None,
-            stop=parse_bound(args.stop) if args.stop is not None else None,
-            speed=args.speed,
-            run_id=args.run_id,
-        )
+        source = ReplaySource(settings, **_replay_window(args), run_id=args.run_id)
         counts = _produce(settings, lambda stop: run_source(settings, source, stop=stop))
     except OSError as e:  # an archive that cannot be read (our own errors: see main)
         print(f"error: {e}", file=sys.stderr)
@@ -311,17 +316,12 @@ def cmd_produce_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from producers.replay import parse_bound
     from tagstream.evaluate import plan_evaluation, run_evaluation
 
     settings = get_settings()
     plan = plan_evaluation(
         settings,
-        archive=Path(args.archive) if args.archive is not None else None,
-        topic=args.topic,
-        start=parse_bound(args.start) if args.start is not None else None,
-        stop=parse_bound(args.stop) if args.stop is not None else None,
-        speed=args.speed,
+        **_replay_window(args),
         labels=Path(args.labels) if args.labels is not None else None,
         model_dirs=[Path(d) for d in args.model_dir],
         out=Path(args.out),
