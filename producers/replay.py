@@ -55,7 +55,7 @@ from infra.kafka import consumed, consumer_config, wait_for_broker
 from infra.record_producer import SourceRef
 from infra.settings import Settings
 from infra.tail import parse_time
-from producers import bluesky, mastodon
+from producers import bluesky, mastodon, synthetic
 from producers.archive import archive_files, read_archive
 from producers.source import Rejected, SourceItem, TweetSource, iterate_in_thread, run_source
 from producers.tweets import tweet_from_stream_line
@@ -81,6 +81,7 @@ ARCHIVE_PARSERS: dict[str | None, Callable[..., Tweet]] = {
     None: tweet_from_stream_line,
     bluesky.BlueskySource.archive_format: bluesky.tweet_from_archived,
     mastodon.MastodonSource.archive_format: mastodon.tweet_from_archived,
+    synthetic.SyntheticSource.archive_format: synthetic.tweet_from_archived,
 }
 
 

@@ -29,7 +29,7 @@ from infra.image_server import truth_from_url
 from producers.archive import StreamArchive
 from producers.source import SourceItem, TweetSource
 from producers.tweets import tweet_from_stream_line
-from schemas.records import now_ms
+from schemas.records import Tweet, now_ms
 
 #: Every kind of line `SyntheticTweets.kind` may return.
 KINDS: tuple[str, ...] = (
@@ -258,12 +258,31 @@ class SyntheticTweets:
         return rng.choice(_PLAIN)
 
 
+def tweet_from_archived(
+    line: dict[str, Any],
+    *,
+    source: str,
+    ingested_at_ms: float,
+    replay_run_id: str | None = None,
+) -> Tweet:
+    """The Tweet of an archived synthetic line (X API v2 shaped, but not from X: no
+    x.com page, and ``network`` says where it is from)."""
+    return tweet_from_stream_line(
+        line,
+        source=source,
+        ingested_at_ms=ingested_at_ms,
+        replay_run_id=replay_run_id,
+        network=SyntheticSource.archive_format,
+    )
+
+
 class SyntheticSource(TweetSource):
     """Lines ``start`` .. ``start + count - 1`` of `SyntheticTweets` (``count`` 0: forever),
     line *n* due *(n - first) / rate* seconds after the first (``rate`` 0: no waiting)."""
 
     name = "synthetic"
     dead_letter_stage = "synthetic"
+    archive_format = "synthetic"
 
     def __init__(
         self,
@@ -292,7 +311,7 @@ class SyntheticSource(TweetSource):
                 self.generator.line(n),
                 source=self.name,
                 ingested_at_ms=now_ms(),
-                network="synthetic",
+                network=self.archive_format,
             )
             t_ms = (n - self.first) * 1000.0 / self.rate if self.rate else None
             yield SourceItem(tweet=tweet, t_ms=t_ms, position=n)
@@ -321,7 +340,11 @@ def write_archive(
     with StreamArchive(folder) as archive:
         for n in range(start, start + count):
             line = generator.line(n)
-            archive.write(line, t_ms=t0_ms + (n - start) * 1000.0 / rate)
+            archive.write(
+                line,
+                t_ms=t0_ms + (n - start) * 1000.0 / rate,
+                line_format=SyntheticSource.archive_format,
+            )
             for item in (line.get("includes") or {}).get("media", []):
                 cls = truth_from_url(item.get("url") or "") if item["type"] == "photo" else None
                 if cls is not None:

@@ -222,6 +222,13 @@ def test_a_demo_archive_replays_the_lines_with_their_classes(tmp_path: Path) -> 
     }
     assert truth == shown and len(truth) > 100
     assert set(truth.values()) <= set(DEMO_CLASSES)
+    # Replayed, they are synthetic posts still: not from X, with no x.com page.
+    from producers.replay import ARCHIVE_PARSERS
+
+    assert {a.line_format for a in got} == {"synthetic"}
+    replayed = ARCHIVE_PARSERS["synthetic"](got[0].line, source="replay", ingested_at_ms=1.0)
+    assert replayed["network"] == "synthetic" and replayed["post_url"] is None
+    assert replayed["id"] == gen.line(3)["data"]["id"]
 
 
 def test_the_demo_archive_command_writes_labels_evaluate_reads(tmp_path: Path, monkeypatch) -> None:
