@@ -170,13 +170,17 @@ def commit(consumer: Any, offsets: list[Any]) -> bool:
     return True
 
 
-#: Errors a consumer reports and then recovers from by itself.
+#: Errors a consumer reports and then recovers from by itself. A subscribed topic that
+#: does not exist yet is one: a process started with the broker may subscribe before the
+#: topics are created (by `ensure_topics`, in another process), and librdkafka assigns it
+#: once its metadata shows the topic.
 _RECOVERABLE = frozenset(
     {
         KafkaError._TRANSPORT,
         KafkaError._ALL_BROKERS_DOWN,
         KafkaError._TIMED_OUT,
         KafkaError._MAX_POLL_EXCEEDED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
     }
 )
 

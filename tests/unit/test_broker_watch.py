@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from infra.exceptions import BrokerError
-from infra.kafka import BrokerWatch, commit, wait_for_broker
+from infra.kafka import BrokerWatch, commit, consumed, wait_for_broker
 from infra.settings import Settings
 
 
@@ -129,3 +129,35 @@ def test_a_commit_the_group_refuses_is_let_go_of(caplog) -> None:
     assert "may be processed again" in caplog.records[0].getMessage()
     with pytest.raises(KafkaException):
         commit(RefusingConsumer(KafkaError._FENCED, fatal=True), [object()])
+
+
+class _Message:
+    def __init__(self, error: KafkaError | None = None) -> None:
+        self._error = error
+
+    def error(self) -> KafkaError | None:
+        return self._error
+
+
+class _Consumer:
+    def __init__(self, messages: list[_Message]) -> None:
+        self.messages = messages
+
+    def consume(self, max_messages: int, timeout: float) -> list[_Message]:
+        return self.messages
+
+
+def test_a_topic_not_created_yet_is_waited_for_an_unauthorized_one_is_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A consumer that subscribed before another process created its topics (the sink
+    started with the broker) is told "Subscribed topic not available": librdkafka assigns
+    the topic once it exists, so it is a warning, not the end of the process."""
+    not_yet = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "Subscribed topic not available")
+    record = _Message()
+    with caplog.at_level(logging.WARNING, logger="infra.kafka"):
+        assert consumed(_Consumer([_Message(not_yet), record]), 10, 0.1) == [record]
+    assert "Subscribed topic not available" in caplog.text
+    refused = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized")
+    with pytest.raises(KafkaException):
+        consumed(_Consumer([_Message(refused)]), 10, 0.1)
