@@ -53,7 +53,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from infra import metrics
 from infra.exceptions import CodecError, TagstreamError
 from infra.record_producer import SourceRef
-from producers.posts import Backoff, PostGate, TagFilter
+from producers.posts import Backoff, PostGate, TagFilter, untrusted
 from producers.source import Rejected, SourceItem, TweetSource
 from schemas.records import Media, Tweet, deletion, media, now_ms, tweet
 
@@ -195,6 +195,7 @@ def _tags(record: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+@untrusted
 def tweet_from_event(
     event: dict[str, Any],
     *,
@@ -251,6 +252,7 @@ def tweet_from_event(
     )
 
 
+@untrusted
 def tweet_from_archived(
     line: dict[str, Any],
     *,
@@ -473,9 +475,8 @@ class BlueskySource(TweetSource):
             post = tweet_from_event(
                 frame.event, cdn_url=self.cdn_url, source=self.name, ingested_at_ms=now_ms()
             )
-        except Exception as e:  # untrusted input: a dead letter, never the source's end
-            error = str(e) if isinstance(e, CodecError) else f"{type(e).__name__}: {e}"
-            rejected = Rejected(raw, error, JETSTREAM_SOURCE)
+        except CodecError as e:  # untrusted input: a dead letter, never the source's end
+            rejected = Rejected(raw, str(e), JETSTREAM_SOURCE)
             return SourceItem(rejected=rejected, position=frame.position, raw=frame.event)
         envelope = {"event": frame.event, "cdn": self.cdn_url}
         return self.gate.item(post, raw=envelope, position=frame.position)

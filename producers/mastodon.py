@@ -61,7 +61,7 @@ from pydantic import SecretStr
 from infra import metrics
 from infra.exceptions import CodecError, ConfigurationError, TagstreamError
 from infra.record_producer import SourceRef
-from producers.posts import Backoff, PostGate, TagFilter
+from producers.posts import Backoff, PostGate, TagFilter, untrusted
 from producers.source import Rejected, SourceItem, TweetSource
 from schemas.records import Media, Tweet, deletion, media, now_ms, tweet
 
@@ -230,6 +230,7 @@ class Event:
 OPERATIONS = {"update": "create", "status.update": "update", "delete": "delete"}
 
 
+@untrusted
 def tweet_from_event(
     event: Event,
     *,
@@ -270,6 +271,7 @@ def tweet_from_event(
     )
 
 
+@untrusted
 def tweet_from_archived(
     line: dict[str, Any],
     *,
@@ -584,10 +586,9 @@ class MastodonSource(TweetSource):
         envelope = {"host": host, "stream": event.stream, "event": event.kind, "data": event.data}
         try:
             post = tweet_from_event(event, host=host, source=self.name, ingested_at_ms=now_ms())
-        except Exception as e:  # untrusted input: a dead letter, never the source's end
-            error = str(e) if isinstance(e, CodecError) else f"{type(e).__name__}: {e}"
+        except CodecError as e:  # untrusted input: a dead letter, never the source's end
             where = _source_ref(host, event.stream)
-            return SourceItem(rejected=Rejected(event.data.encode(), error, where), raw=envelope)
+            return SourceItem(rejected=Rejected(event.data.encode(), str(e), where), raw=envelope)
         # A boost has no attachments of its own (they are the boosted post's), so the
         # gate skips it as a post without an image.
         return self.gate.item(post, raw=envelope)

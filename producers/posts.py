@@ -17,18 +17,22 @@ send every post, so these sources filter here, all in the same way (`PostGate`):
   a photo or no longer matches, so that the post's earlier results are retracted;
 - everything else is skipped, with a reason the pump counts.
 
-Also here: the class words shared with the X source and `collect` (`tag_words`), and the
-exponential back-off of the reconnecting clients.
+Also here: the class words shared with the X source and `collect` (`tag_words`), the
+exponential back-off of the reconnecting clients, and `untrusted`, which keeps a parser
+of what a network sends to its contract (any failure is a CodecError) for the live
+source and for the replay of its archive alike.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from infra.demo_images import DEMO_CLASSES
+from infra.exceptions import CodecError
 from producers.source import SourceItem
 from schemas.records import MatchingRule, Tweet, photos
 
@@ -62,6 +66,27 @@ def tag_words(name: str) -> list[str]:
     (``cats`` and ``cat`` both give ``["cat", "cats"]``; ``sheep`` gives ``["sheep"]``)."""
     one = singular(name)
     return list(dict.fromkeys([one, _plural(one)]))
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def untrusted(parse: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A parser of untrusted input that raises only CodecError: any other failure (a type
+    the data should not have had, a bug) becomes one, named by its type, so that callers,
+    the live source and the replay of its archive, make it a dead letter, not their end."""
+
+    @functools.wraps(parse)
+    def parse_or_refuse(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return parse(*args, **kwargs)
+        except CodecError:
+            raise
+        except Exception as e:
+            raise CodecError(f"{type(e).__name__}: {e}") from e
+
+    return parse_or_refuse
 
 
 class TagFilter:

@@ -307,11 +307,9 @@ class SyntheticSource(TweetSource):
     async def items(self) -> AsyncIterator[SourceItem]:
         n = self.first
         while self.end is None or n < self.end:
-            tweet = tweet_from_stream_line(
-                self.generator.line(n),
-                source=self.name,
-                ingested_at_ms=now_ms(),
-                network=self.archive_format,
+            # The same as its replay reads it back (`tweet_from_archived`).
+            tweet = tweet_from_archived(
+                self.generator.line(n), source=self.name, ingested_at_ms=now_ms()
             )
             t_ms = (n - self.first) * 1000.0 / self.rate if self.rate else None
             yield SourceItem(tweet=tweet, t_ms=t_ms, position=n)

@@ -34,7 +34,7 @@ from producers.bluesky import (
     tweet_from_archived,
     tweet_from_event,
 )
-from producers.posts import PostGate, TagFilter
+from producers.posts import PostGate, TagFilter, untrusted
 from producers.source import PositionFile, pump
 from schemas.codec import Codec
 from tests.helpers import MetricDeltas, RecordingProducer, Sleeps, serve_locally
@@ -305,6 +305,25 @@ def test_an_archived_line_reads_back_as_the_post_with_its_rules() -> None:
     }
     with pytest.raises(CodecError):
         tweet_from_archived({"event": event}, source="replay", ingested_at_ms=2.0)
+
+
+def test_a_parser_of_untrusted_input_raises_only_codec_errors() -> None:
+    """What a network sends reaches the parsers from the live source and from the replay
+    of its archive: a failure of any other type becomes a CodecError naming it (the
+    replay used to end on one the live source had dead-lettered)."""
+
+    @untrusted
+    def parse(value: object) -> int:
+        if value == "refused":
+            raise CodecError("not a post")
+        return len(value)  # type: ignore[arg-type]
+
+    assert parse("abc") == 3 and parse.__name__ == "parse"
+    with pytest.raises(CodecError, match="^not a post$"):
+        parse("refused")
+    with pytest.raises(CodecError, match=r"^TypeError: object of type 'int' has no len\(\)$"):
+        parse(5)
+    assert tweet_from_archived.__wrapped__ and tweet_from_event.__wrapped__  # both guarded
 
 
 # The filter and the gate ---------------------------------------------------------------
