@@ -286,8 +286,27 @@ def cmd_produce_mastodon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_replay_window(
+    parser: argparse.ArgumentParser, *, topic_help: str, speed: str, speed_help: str
+) -> None:
+    """The options `replay` and `evaluate` share: what to replay, and how fast."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--archive", default=None, help="an archive file or folder (or JSON lines)")
+    source.add_argument("--topic", default=None, help=topic_help)
+    parser.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="first offset (line index, or offset in each partition) or ISO time, inclusive",
+    )
+    parser.add_argument(
+        "--to", dest="stop", default=None, help="last offset or ISO time, exclusive"
+    )
+    parser.add_argument("--speed", default=speed, help=speed_help)
+
+
 def _replay_window(args: argparse.Namespace) -> dict:
-    """What to replay, from the options `replay` and `evaluate` share."""
+    """What to replay, from the options `_add_replay_window` gives `replay` and `evaluate`."""
     from producers.replay import parse_bound
 
     return {
@@ -705,22 +724,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     replay = sources.add_parser(
         "replay", help="re-produce an archive or a topic of tweets, keeping their timing"
     )
-    replay_source = replay.add_mutually_exclusive_group(required=True)
-    replay_source.add_argument(
-        "--archive", default=None, help="an archive file or folder (or JSON lines)"
-    )
-    replay_source.add_argument("--topic", default=None, help="a topic of Tweet records")
-    replay.add_argument(
-        "--from",
-        dest="start",
-        default=None,
-        help="first offset (line index, or offset in each partition) or ISO time, inclusive",
-    )
-    replay.add_argument(
-        "--to", dest="stop", default=None, help="last offset or ISO time, exclusive"
-    )
-    replay.add_argument(
-        "--speed", default="1x", help="'1x', '10x', ... or 'max' (no waiting; default: 1x)"
+    _add_replay_window(
+        replay,
+        topic_help="a topic of Tweet records",
+        speed="1x",
+        speed_help="'1x', '10x', ... or 'max' (no waiting; default: 1x)",
     )
     replay.add_argument("--run-id", default=None, help="replay_run_id (default: a new uuid)")
     replay.set_defaults(func=cmd_produce_replay)
@@ -736,27 +744,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "collect every outcome of the run and write report.md, report.html, report.json "
         "and PNG plots into --out. The first model is the baseline of the others' deltas.",
     )
-    evaluate_source = evaluate.add_mutually_exclusive_group(required=True)
-    evaluate_source.add_argument(
-        "--archive", default=None, help="an archive file or folder (or JSON lines)"
-    )
-    evaluate_source.add_argument(
-        "--topic", default=None, help="a topic of Tweet records on TAGSTREAM_KAFKA_BOOTSTRAP"
-    )
-    evaluate.add_argument(
-        "--from",
-        dest="start",
-        default=None,
-        help="first offset (line index, or offset in each partition) or ISO time, inclusive",
-    )
-    evaluate.add_argument(
-        "--to", dest="stop", default=None, help="last offset or ISO time, exclusive"
-    )
-    evaluate.add_argument(
-        "--speed",
-        default="max",
-        help="'1x', '10x', ... or 'max' (no waiting; the default: the same accuracy table "
-        "every time)",
+    _add_replay_window(
+        evaluate,
+        topic_help="a topic of Tweet records on TAGSTREAM_KAFKA_BOOTSTRAP",
+        speed="max",
+        speed_help="'1x', '10x', ... or 'max' (no waiting; the default: the same accuracy "
+        "table every time)",
     )
     evaluate.add_argument(
         "--labels",

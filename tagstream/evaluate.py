@@ -246,8 +246,6 @@ class Collector:
         self._lock = threading.Lock()
         self._runs: dict[str | None, RunRecords] = {}
         self._dead: list[dict] = []
-        self.undecodable = 0
-        self.received = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evaluate-collector", daemon=True)
         self._error: BaseException | None = None
@@ -268,14 +266,11 @@ class Collector:
         short = self.names[message.topic()]
         try:
             record = self.codec.decode(self.TOPICS[short], message.value())
-        except CodecError:
-            with self._lock:
-                self.undecodable += 1
+        except CodecError:  # not a record a run of ours wrote
             return
         record.pop("thumbnail", None)
         record.pop("payload", None)
         with self._lock:
-            self.received += 1
             if short == "deadletter":
                 self._dead.append(record)
                 return
