@@ -145,31 +145,6 @@ def partition_lags(consumer: Any) -> dict[tuple[str, int], int]:
     return lags
 
 
-def commit(consumer: Any, offsets: list[Any]) -> bool:
-    """Commit `offsets` (of work already delivered) synchronously; False when refused.
-
-    A refused commit loses nothing: the records are delivered, and whoever owns the
-    partition next starts from the last committed offset, so some are processed again
-    (duplicates, never gaps). The usual refusal is the group having moved on without
-    this member (a broker that stalled past the session timeout: UNKNOWN_MEMBER_ID,
-    ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS); the consumer rejoins by itself. A fatal
-    error (this consumer was fenced for good) still raises.
-    """
-    try:
-        consumer.commit(offsets=offsets, asynchronous=False)
-    except KafkaException as exc:
-        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-        if error is not None and error.fatal():
-            raise
-        log.warning(
-            "commit of %d partition offset(s) refused (%s): those records may be processed again",
-            len(offsets),
-            _reason(exc),
-        )
-        return False
-    return True
-
-
 #: Errors a consumer reports and then recovers from by itself. A subscribed topic that
 #: does not exist yet is one: a process started with the broker may subscribe before the
 #: topics are created (by `ensure_topics`, in another process), and librdkafka assigns it

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 #: Takes at most n messages, waiting at most timeout_s for them; returns how many it took.
 Fetch = Callable[[int, float], int]
 
-CLOSE_REASONS = ("full", "idle", "waited")
-
 
 @dataclass(frozen=True)
 class BatchPolicy:

@@ -168,7 +168,7 @@ class DeviceDecoder(_PooledDecoder):
         self.codec = codec
         self.device = device
         self.preset = TorchPreset(classifier.preset, device=device, thumbnail_px=thumbnail_px)
-        dtype = "float16" if classifier.input_dtype == np.float16 else "float32"
+        dtype = np.dtype(classifier.input_dtype).name  # float16 or float32
         self.buffers = [self.preset.new_batch(classifier.max_batch, dtype) for _ in range(depth)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
 
@@ -206,8 +206,7 @@ class DeviceDecoder(_PooledDecoder):
         rows = self.buffers[batch.slot][: len(batch)]
         if self.device == "cpu":
             return runner.run(rows.numpy())
-        dtype = np.float16 if self.classifier.input_dtype == np.float16 else np.float32
-        return runner.run_device(rows.data_ptr(), tuple(rows.shape), dtype)
+        return runner.run_device(rows.data_ptr(), tuple(rows.shape), self.classifier.input_dtype)
 
 
 Decoder = HostDecoder | DeviceDecoder

@@ -342,8 +342,8 @@ class InferenceConsumer:
     def _first_estimate(self) -> float:
         """Capacity before any image: one full batch through the model alone, less a
         share for decoding; the meter corrects it from the first real batches on."""
-        size, edge = self.settings.batch_max_size, self.classifier.manifest.input_size
-        batch = np.zeros((size, 3, edge, edge), dtype=np.float32)
+        size = self.settings.batch_max_size
+        batch = self.classifier.input_buffer(size)
         started = time.perf_counter()
         self.classifier.probabilities(batch)
         estimate = 0.7 * size / max(time.perf_counter() - started, 1e-6)

@@ -35,7 +35,7 @@ import json
 import struct
 import threading
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -207,37 +207,38 @@ class _RegistryMode:
         # is one body, so its framing hook hands us the payload stream to check after.
         self._payload = threading.local()
 
-    def _serializer(self, schema: _Schema, topic: str | None) -> AvroSerializer:
-        key = (schema.name, topic)
-        serializer = self._serializers.get(key)
-        if serializer is None:
+    def _once(self, cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+        """`cache[key]`, made by `make` the first time, once even when threads race."""
+        found = cache.get(key)
+        if found is None:
             with self._lock:
-                serializer = self._serializers.get(key)
-                if serializer is None:
-                    strategy = (
-                        topic_subject_name_strategy if topic else record_subject_name_strategy
-                    )
-                    serializer = AvroSerializer(
-                        self.client,
-                        json.dumps(schema.raw),
-                        conf={"auto.register.schemas": True, "subject.name.strategy": strategy},
-                    )
-                    self._serializers[key] = serializer
-        return serializer
+                found = cache.get(key)
+                if found is None:
+                    found = cache[key] = make()
+        return found
+
+    def _serializer(self, schema: _Schema, topic: str | None) -> AvroSerializer:
+        strategy = topic_subject_name_strategy if topic else record_subject_name_strategy
+        return self._once(
+            self._serializers,
+            (schema.name, topic),
+            lambda: AvroSerializer(
+                self.client,
+                json.dumps(schema.raw),
+                conf={"auto.register.schemas": True, "subject.name.strategy": strategy},
+            ),
+        )
 
     def _deserializer(self, reader: _Schema) -> AvroDeserializer:
-        deserializer = self._deserializers.get(reader.name)
-        if deserializer is None:
-            with self._lock:
-                deserializer = self._deserializers.get(reader.name)
-                if deserializer is None:
-                    deserializer = AvroDeserializer(
-                        self.client,
-                        json.dumps(reader.raw),
-                        conf={"schema.id.deserializer": self._framing},
-                    )
-                    self._deserializers[reader.name] = deserializer
-        return deserializer
+        return self._once(
+            self._deserializers,
+            reader.name,
+            lambda: AvroDeserializer(
+                self.client,
+                json.dumps(reader.raw),
+                conf={"schema.id.deserializer": self._framing},
+            ),
+        )
 
     def _framing(self, data: bytes, ctx: Any, schema_id: Any) -> io.BytesIO:
         payload = dual_schema_id_deserializer(data, ctx, schema_id)

@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from infra.exceptions import BrokerError
-from infra.kafka import BrokerWatch, commit, consumed, wait_for_broker
+from infra.kafka import BrokerWatch, consumed, wait_for_broker
 from infra.settings import Settings
 
 
@@ -113,22 +113,6 @@ def test_wait_for_broker_waits_without_spinning_then_gives_up_clearly(caplog) ->
     finally:
         watch.stop()
         kafka._WATCHES.pop("k:9092", None)
-
-
-class RefusingConsumer:
-    def __init__(self, code: int, *, fatal: bool = False) -> None:
-        self.error = KafkaError(code, "Commit failed", fatal=fatal)
-
-    def commit(self, *, offsets, asynchronous) -> None:
-        raise KafkaException(self.error)
-
-
-def test_a_commit_the_group_refuses_is_let_go_of(caplog) -> None:
-    caplog.set_level(logging.WARNING, "infra.kafka")
-    assert commit(RefusingConsumer(KafkaError.UNKNOWN_MEMBER_ID), [object()]) is False
-    assert "may be processed again" in caplog.records[0].getMessage()
-    with pytest.raises(KafkaException):
-        commit(RefusingConsumer(KafkaError._FENCED, fatal=True), [object()])
 
 
 class _Message:
